@@ -1,0 +1,180 @@
+"""Configuration: each component owns a dataclass of its defaults; precedence is defaults < YAML preset < flags.
+
+A config is a dict of sections (``run``, ``data``, ``train``, ``search`` and one per
+learner / optimizer that has options). The command-line parser is generated from
+the dataclass fields (help text and flag in field metadata), so every option is
+listed by ``--help`` with its default, and a YAML preset uses the same section and
+field names. The merged config is validated before any data or model is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from torchpocket.errors import UserError
+
+
+def opt(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None) -> Any:  # noqa: A002
+    """A config field with its command-line help (and optionally its flag name and choices)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+
+
+@dataclass
+class RunConfig:
+    learner: str = opt("full-prec", "compression algorithm (see --list)")
+    hpo: str = opt("none", "hyper-parameter optimizer proposing per-layer policies (see --list)")
+    net: str = opt("resnet20", "network: a registered name or tv:<torchvision model> (see --list)")
+    dataset: str = opt("fashion-mnist", "dataset (see --list)")
+    target: float = opt(1.0, "resource to keep, as a fraction of the original model's, in (0, 1]")
+    init: str | None = opt(None, "checkpoint to start from (a baseline, or a compressed run's model.pt)")
+    device: str = opt("auto", "auto | cpu | cuda[:N]")
+    seed: int = opt(0, "random seed (search, training, data order)")
+    out_dir: str = opt("runs", "parent folder of run directories")
+    quiet: bool = opt(False, "no progress bars or per-epoch lines")
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
+
+
+@dataclass
+class DataConfig:
+    data_dir: str | None = opt(None, "folder with the dataset files (default: the dataset's usual places)")
+    val_size: int = opt(-1, "images carved from train for validation, fixed seed (-1 = dataset default: 5000)")
+    num_workers: int = opt(4, "loader worker processes for on-disk datasets (ImageNet)")
+
+
+SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig}
+
+
+def register_section(name: str, cls: type) -> None:
+    """Add a component's config dataclass (called by learners / optimizers / trainer at import)."""
+    if name in SECTIONS and SECTIONS[name] is not cls:
+        raise ValueError(f"duplicate config section {name!r}")
+    SECTIONS[name] = cls
+
+
+def _all_sections() -> dict[str, type]:
+    import torchpocket.hpo  # noqa: F401  (register their sections)
+    import torchpocket.learners  # noqa: F401
+    import torchpocket.pipeline  # noqa: F401
+
+    return SECTIONS
+
+
+def default_config() -> dict[str, dict[str, Any]]:
+    return {name: dataclasses.asdict(cls()) for name, cls in _all_sections().items()}
+
+
+def flag_of(section: str, f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def iter_fields() -> typing.Iterator[tuple[str, dataclasses.Field, Any]]:
+    for section, cls in _all_sections().items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            yield section, f, hints[f.name]
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the field type ``tp``; ints are accepted for floats."""
+    args = typing.get_args(tp)
+    if type(None) in args:
+        if value is None:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(tp) is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, list):
+            return [coerce(v, inner, where) for v in value]
+    else:
+        return value
+    raise UserError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"config file {path} does not parse as YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def merge(base: dict[str, dict[str, Any]], override: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
+    """Merge a nested override into ``base`` after checking every key and value type."""
+    sections = _all_sections()
+    out = {k: dict(v) for k, v in base.items()}
+    for section, values in override.items():
+        if section not in sections:
+            raise UserError(f"{source}: unknown section {section!r}; valid sections: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: section {section!r} must be a mapping, got {type(values).__name__}")
+        hints = typing.get_type_hints(sections[section])
+        for key, value in values.items():
+            if key not in hints:
+                raise UserError(
+                    f"{source}: unknown key {section}.{key}; valid keys in {section!r}: {', '.join(hints)}"
+                )
+            out[section][key] = coerce(value, hints[key], f"{source}: {section}.{key}")
+    return out
+
+
+def validate(cfg: dict[str, dict[str, Any]]) -> None:
+    """Cross-field checks and choices; registries check the names."""
+    from torchpocket.datasets import DATASETS
+    from torchpocket.hpo import HPOS
+    from torchpocket.learners import LEARNERS
+    from torchpocket.nets import check_net_name
+
+    run = cfg["run"]
+    LEARNERS.get(run["learner"])
+    HPOS.get(run["hpo"])
+    DATASETS.get(run["dataset"])
+    if not run.get("init"):
+        check_net_name(run["net"])
+    t = run["target"]
+    if not (0 < t <= 1):
+        raise UserError(f"--target must be in (0, 1], got {t}")
+    for section, f, _ in iter_fields():
+        choices = f.metadata.get("choices")
+        if choices and cfg[section][f.name] not in choices:
+            raise UserError(f"{flag_of(section, f)} must be one of {', '.join(map(str, choices))}, "
+                            f"got {cfg[section][f.name]!r}")
+    for section, values in cfg.items():
+        for key, value in values.items():
+            nonneg = key in ("epochs", "episodes", "ft_steps", "retrain_epochs", "batch_size", "val_size")
+            if nonneg and isinstance(value, (int, float)) and value < (-1 if key == "val_size" else 0):
+                raise UserError(f"{section}.{key} must not be negative, got {value}")
+    if cfg["train"]["batch_size"] <= 0:
+        raise UserError(f"--batch-size must be positive, got {cfg['train']['batch_size']}")
+
+
+def dump_yaml(cfg: dict[str, Any]) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)

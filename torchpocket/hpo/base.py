@@ -1,0 +1,57 @@
+"""The optimizer contract: ``ask() -> policy``, ``tell(policy, reward)``, ``state_dict()`` for resume.
+
+Rewards are always maximised. Every policy an optimizer returns has passed
+through ``space.budget`` (so it meets the target). Optimizers never import
+networks or learners: all they know is the :class:`SearchSpace`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from torchpocket.hpo.space import Policy, SearchSpace
+
+
+class Optimizer(ABC):
+    """Base class of every hyper-parameter optimizer (Optuna ``BaseSampler`` style).
+
+    Subclasses implement :meth:`ask` and :meth:`tell`; the defaults of
+    :meth:`state_dict` / :meth:`load_state_dict` cover optimizers whose state is
+    fully determined by the seed and the history of (policy, reward) pairs.
+    ``parallel`` says whether several worker processes may share one study
+    (``--storage``).
+    """
+
+    parallel: ClassVar[bool] = False
+
+    def __init__(self, space: SearchSpace, *, seed: int = 0, total_trials: int = 0, config: Any = None,
+                 storage: str | None = None, study_name: str | None = None) -> None:
+        self.space, self.seed, self.total_trials = space, seed, total_trials
+        self.config = config if config is not None else self.default_config()
+        self.storage, self.study_name = storage, study_name
+        self.history: list[tuple[Policy, float]] = []
+
+    @classmethod
+    def default_config(cls) -> Any:
+        return None
+
+    @abstractmethod
+    def ask(self) -> Policy:
+        """Propose the next policy (already within bounds and budget)."""
+
+    def tell(self, policy: Policy, reward: float) -> None:
+        """Report the reward of a policy returned by :meth:`ask` (higher is better)."""
+        self.history.append((list(policy), float(reward)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [[list(p), r] for p, r in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Default: rebuild by replaying the history (ask, then tell the recorded reward)."""
+        for policy, reward in state["history"]:
+            self.ask()
+            self.tell(list(policy), float(reward))
+
+    def best(self) -> tuple[Policy, float] | None:
+        return max(self.history, key=lambda pr: pr[1]) if self.history else None

@@ -1,0 +1,204 @@
+"""The search space every optimizer sees, and the Budget every proposal passes through.
+
+A learner describes its compressible layers (:class:`LayerSpec`, AMC's static
+layer features plus action bounds) and supplies a cost function over whole
+policies (FLOPs, parameters, weight bits, predicted latency...). The
+:class:`Budget` clips any policy to the bounds and projects it onto the target,
+so every optimizer's candidates meet the same constraint and ablations compare
+like with like.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from torchpocket.errors import UserError
+
+Policy = list[float]
+
+KINDS = ("conv", "dwconv", "linear")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One compressible layer: AMC's static features and the bounds of its action."""
+
+    name: str
+    kind: str  # conv | dwconv | linear
+    in_channels: int
+    out_channels: int
+    stride: int
+    kernel: int
+    params: int
+    flops: int
+    low: float = 0.2
+    high: float = 1.0
+    step: float = 0.0  # 0: continuous action; >0: actions are multiples of step (bit-widths: 1)
+
+
+class Budget:
+    """Knows the resource of any policy and keeps proposals at (or under) ``target`` of ``full``.
+
+    ``cost_fn(policy)`` must be non-decreasing in every coordinate. With
+    ``fill=True`` (the resource-constrained protocol) :meth:`project` also raises a
+    policy that is under the target until it is as close below it as the
+    layers' granularity allows; with ``fill=False`` (accuracy-guaranteed rewards)
+    it only lowers policies that are over.
+    """
+
+    def __init__(
+        self,
+        *,
+        cost_fn: Callable[[Sequence[float]], float],
+        full: float,
+        target: float,
+        lows: Sequence[float],
+        highs: Sequence[float],
+        steps: Sequence[float] | None = None,
+        layer_cost_fn: Callable[[Sequence[float]], Sequence[float]] | None = None,
+        fill: bool = True,
+        unit: str = "flops",
+    ) -> None:
+        self.cost_fn, self.full, self.target = cost_fn, float(full), float(target)
+        self.lows, self.highs = np.asarray(lows, float), np.asarray(highs, float)
+        self.steps = np.zeros(len(self.lows)) if steps is None else np.asarray(steps, float)
+        self.layer_cost_fn, self.fill, self.unit = layer_cost_fn, fill, unit
+        self.limit = self.target * self.full
+        floor = self.cost(list(self.lows))
+        if floor > self.limit * (1 + 1e-9):
+            raise UserError(
+                f"target {self.target:g} is unreachable: with every layer at its lower bound the model keeps "
+                f"{floor / self.full:.3f} of its {unit}; raise --target or lower the layer bounds"
+            )
+
+    # -- evaluation -------------------------------------------------------------------------
+    def cost(self, policy: Sequence[float]) -> float:
+        return float(self.cost_fn(list(policy)))
+
+    def fraction(self, policy: Sequence[float]) -> float:
+        return self.cost(policy) / self.full
+
+    def satisfied(self, policy: Sequence[float]) -> bool:
+        return self.cost(policy) <= self.limit * (1 + 1e-9)
+
+    def layer_costs(self, policy: Sequence[float]) -> list[float]:
+        if self.layer_cost_fn is None:
+            raise NotImplementedError("this budget has no per-layer cost breakdown")
+        return [float(c) for c in self.layer_cost_fn(list(policy))]
+
+    # -- projection ---------------------------------------------------------------------------
+    def clip(self, policy: Sequence[float]) -> np.ndarray:
+        p = np.clip(np.asarray(policy, float), self.lows, self.highs)
+        return self._round(p)
+
+    def _round(self, p: np.ndarray) -> np.ndarray:
+        s = self.steps
+        if np.any(s > 0):
+            q = np.where(s > 0, np.floor(p / np.where(s > 0, s, 1) + 0.5 + 1e-9) * np.where(s > 0, s, 1), p)
+            p = np.clip(q, self.lows, self.highs)
+        return p
+
+    def _shape(self, p: np.ndarray, s: float) -> np.ndarray:
+        """Monotone family through p: s=0 -> lows, s=1 -> p, s=2 -> highs."""
+        if s <= 1:
+            q = self.lows + s * (p - self.lows)
+        else:
+            q = p + (s - 1) * (self.highs - p)
+        return self._round(q)
+
+    def project(self, policy: Sequence[float], *, iters: int = 50) -> Policy:
+        """Clip to bounds, then move the policy along a monotone path until it meets the target.
+
+        The relative shape of the policy is kept: over-target policies shrink toward
+        the lower bounds, under-target ones (with ``fill``) grow toward the upper bounds.
+        """
+        p = self.clip(policy)
+        over = not self.satisfied(p)
+        if not over and not self.fill:
+            return [float(v) for v in p]
+        lo, hi = (0.0, 1.0) if over else (1.0, 2.0)
+        if not over and self.satisfied(self._shape(p, 2.0)):
+            return [float(v) for v in self._shape(p, 2.0)]
+        for _ in range(iters):  # invariant: shape(lo) satisfies, shape(hi) does not
+            mid = 0.5 * (lo + hi)
+            if self.satisfied(self._shape(p, mid)):
+                lo = mid
+            else:
+                hi = mid
+        return [float(v) for v in self._shape(p, lo)]
+
+    def max_action(self, prefix: Sequence[float], index: int, *, iters: int = 40) -> float:
+        """AMC's action wall: the largest action for layer ``index`` such that, with the
+        layers before it at ``prefix`` and every later layer at its lower bound, the
+        target can still be met."""
+        n = len(self.lows)
+        base = list(prefix[:index]) + [0.0] + list(self.lows[index + 1 :])
+
+        def ok(a: float) -> bool:
+            base[index] = a
+            return self.satisfied(self._round(np.asarray(base, float)))
+
+        lo, hi = float(self.lows[index]), float(self.highs[index])
+        if ok(hi):
+            return hi
+        if not ok(lo):
+            return lo
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+        assert len(base) == n
+        return lo
+
+    def uniform(self) -> Policy:
+        """One value for every layer (within bounds) that meets the target: the classic baseline."""
+        return self.project([float(self.highs.max())] * len(self.lows)) if self.fill else self.project(
+            list(self.highs))
+
+
+@dataclass
+class SearchSpace:
+    """The compressible layers in order, and the Budget shared by every optimizer."""
+
+    layers: list[LayerSpec]
+    budget: Budget
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def names(self) -> list[str]:
+        return [lay.name for lay in self.layers]
+
+    @property
+    def lows(self) -> np.ndarray:
+        return np.array([lay.low for lay in self.layers], float)
+
+    @property
+    def highs(self) -> np.ndarray:
+        return np.array([lay.high for lay in self.layers], float)
+
+    def static_features(self) -> np.ndarray:
+        """AMC's static layer embedding: index, type, in/out channels, stride, kernel, log params."""
+        rows = [
+            [i, KINDS.index(lay.kind) if lay.kind in KINDS else len(KINDS), lay.in_channels, lay.out_channels,
+             lay.stride, lay.kernel, math.log1p(lay.params)]
+            for i, lay in enumerate(self.layers)
+        ]
+        return np.asarray(rows, float)
+
+    def to_dict(self, policy: Sequence[float]) -> dict[str, float]:
+        return {lay.name: float(v) for lay, v in zip(self.layers, policy, strict=True)}
+
+    def from_dict(self, values: dict[str, float]) -> Policy:
+        missing = [n for n in self.names if n not in values]
+        extra = [n for n in values if n not in self.names]
+        if missing or extra:
+            raise UserError(
+                f"policy does not match this model's compressible layers: missing {missing[:5]}, unknown {extra[:5]}"
+            )
+        return [float(values[n]) for n in self.names]

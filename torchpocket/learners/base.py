@@ -1,0 +1,102 @@
+"""The learner contract.
+
+A learner turns an uncompressed model and a per-layer policy into a candidate
+compressed model. It never imports an optimizer: it only describes its search
+space (layers, bounds, a cost function for the Budget).
+
+Life cycle used by the pipeline::
+
+    learner = create_learner(name, config=cfg[section], train_cfg=..., device=..., quiet=...)
+    learner.prepare(model, data)            # once: calibration features, val tensors (AMC's env init)
+    space = learner.search_space(model, target)
+    candidate = learner.compress(model, policy)       # a NEW module; `model` stays untouched (teacher)
+    learner.finetune(candidate, teacher=model, steps=K)
+    arch = learner.arch_state(candidate)               # saved in the checkpoint
+    rebuilt = type(learner).rebuild(fresh_model, arch) # same architecture as `candidate`
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from torchpocket.datasets import DataBundle
+from torchpocket.hpo.space import Policy, SearchSpace
+from torchpocket.learners.training import TrainConfig, finetune, fit
+
+
+class Learner(ABC):
+    """Base class of every compression algorithm (``--learner``).
+
+    Subclasses set ``Config`` (a dataclass registered as config section
+    ``section``) when they have options, and implement :meth:`search_space` and
+    :meth:`compress`. Hooks with defaults: :meth:`prepare`, :meth:`after_step`
+    (enforce masks / ranges after each optimizer step), :meth:`arch_state` /
+    :meth:`rebuild` (for learners that change the architecture), :meth:`export`.
+    """
+
+    Config: ClassVar[type | None] = None
+    section: ClassVar[str | None] = None
+    searchable: ClassVar[bool] = True  # False: the learner takes no policy (full-prec)
+    policy_name: ClassVar[str] = "ratio"  # what a policy value means, for reports
+
+    def __init__(self, *, config: Any = None, train_cfg: TrainConfig | None = None,
+                 device: torch.device | str = "cpu", quiet: bool = True, seed: int = 0) -> None:
+        self.config = config if config is not None else (self.Config() if self.Config else None)
+        self.train_cfg = train_cfg or TrainConfig()
+        self.device = torch.device(device)
+        self.quiet, self.seed = quiet, seed
+        self.data: DataBundle | None = None
+
+    # -- the contract --------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, data: DataBundle) -> None:
+        """Extract once what every candidate needs (calibration data, feature maps)."""
+        self.data = data
+
+    @abstractmethod
+    def search_space(self, model: nn.Module, target: float) -> SearchSpace:
+        """The compressible layers of ``model`` and a Budget at ``target``."""
+
+    @abstractmethod
+    def compress(self, model: nn.Module, policy: Policy) -> nn.Module:
+        """A new compressed module following ``policy``; ``model`` is not modified."""
+
+    # -- hooks -------------------------------------------------------------------------------
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step during fine-tuning / re-training (masks, clamps)."""
+
+    def _after_step_hook(self) -> Any:
+        return self.after_step if type(self).after_step is not Learner.after_step else None
+
+    def arch_state(self, model: nn.Module) -> dict[str, Any]:
+        """What this learner changed, as plain data (saved beside the state_dict)."""
+        return {}
+
+    @classmethod
+    def rebuild(cls, model: nn.Module, arch: dict[str, Any]) -> nn.Module:
+        """Turn a freshly built uncompressed ``model`` into the compressed architecture ``arch``."""
+        return model
+
+    def export(self, model: nn.Module, run_dir: Any, example: torch.Tensor) -> dict[str, Any]:
+        """Learner-specific deployment files; returns figures for summary.json."""
+        return {}
+
+    # -- shared training ---------------------------------------------------------------------
+    def _loader(self, split: str, train: bool = False) -> Any:
+        assert self.data is not None, "call prepare() first"
+        return self.data.loader(split, batch_size=self.train_cfg.batch_size, train=train, seed=self.seed)
+
+    def finetune(self, model: nn.Module, *, teacher: nn.Module | None, steps: int) -> dict[str, float]:
+        """Fast fine-tuning of a candidate with distillation from ``teacher``."""
+        return finetune(model, self._loader("train", train=True), steps=steps, cfg=self.train_cfg,
+                        device=self.device, teacher=teacher, after_step=self._after_step_hook(), quiet=True)
+
+    def retrain(self, model: nn.Module, *, teacher: nn.Module | None, epochs: int,
+                on_epoch: Any = None) -> list[dict[str, float]]:
+        """Full re-training of the chosen candidate (distillation from ``teacher``)."""
+        return fit(model, self._loader("train", train=True), self._loader("val"), cfg=self.train_cfg,
+                   device=self.device, epochs=epochs, teacher=teacher, after_step=self._after_step_hook(),
+                   on_epoch=on_epoch, quiet=self.quiet, desc="re-train")

@@ -1,0 +1,50 @@
+"""Model definitions and their registry.
+
+Every entry point takes ``in_channels`` and ``num_classes`` keyword arguments.
+``tv:<name>`` builds any torchvision classification model (random init, never a
+download) with its first convolution adapted to ``in_channels``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from torchpocket.errors import UserError
+from torchpocket.registry import Registry
+
+NETS: Registry = Registry("net")
+register_net = NETS.register
+
+
+def create_net(name: str, *, in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> nn.Module:
+    """Build a registered net (or ``tv:<name>``) by its CLI name."""
+    if name.startswith("tv:"):
+        from torchpocket.nets.tv import create_torchvision
+
+        return create_torchvision(name[3:], in_channels=in_channels, num_classes=num_classes, **kwargs)
+    return NETS.get(name)(in_channels=in_channels, num_classes=num_classes, **kwargs)
+
+
+def net_names() -> list[str]:
+    return NETS.names()
+
+
+def check_net_name(name: str) -> None:
+    """Raise :class:`UserError` if ``name`` is not a buildable net."""
+    if name.startswith("tv:"):
+        from torchpocket.nets.tv import torchvision_names
+
+        valid = torchvision_names()
+        if name[3:] not in valid:
+            import difflib
+
+            close = difflib.get_close_matches(name[3:], valid, n=1)
+            hint = f" (did you mean 'tv:{close[0]}'?)" if close else ""
+            raise UserError(f"unknown torchvision model {name!r}{hint}; choose tv:<name> with one of: {', '.join(valid)}")
+        return
+    NETS.get(name)
+
+
+from torchpocket.nets import lenet, mobilenet, resnet_cifar, vgg  # noqa: E402,F401  (fill the registry)

@@ -1,0 +1,61 @@
+"""One registry per plug-in family, filled by decorators (timm / Optuna style)."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from torchpocket.errors import UserError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A name -> object mapping with helpful errors.
+
+    A duplicate name raises ``ValueError`` (a bug); an unknown name raises
+    :class:`UserError` listing the valid choices and the closest one.
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+        self._docs: dict[str, str] = {}
+
+    def register(self, name: str, doc: str | None = None) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            if name in self._items:
+                raise ValueError(f"duplicate {self.kind} name {name!r}")
+            self._items[name] = obj
+            text = doc or (getattr(obj, "__doc__", None) or "").strip().splitlines()
+            self._docs[name] = text if isinstance(text, str) else (text[0] if text else "")
+            return obj
+
+        return deco
+
+    def get(self, name: str) -> T:
+        if name in self._items:
+            return self._items[name]
+        raise UserError(self.unknown_message(name))
+
+    def unknown_message(self, name: str) -> str:
+        choices = ", ".join(self.names())
+        close = difflib.get_close_matches(name, self.names(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown {self.kind} {name!r}{hint}; choose one of: {choices}"
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def doc(self, name: str) -> str:
+        return self._docs.get(name, "")
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -1,0 +1,141 @@
+"""Small shared helpers: device choice, seeding, progress bars that stay line-oriented off a terminal, log tee."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, TextIO, TypeVar
+
+import numpy as np
+import torch
+
+from torchpocket.errors import UserError
+
+T = TypeVar("T")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when there is one; ``cuda`` without CUDA is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for, but this machine has no CUDA device; use --device cpu or auto")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def is_main_process() -> bool:
+    return not torch.distributed.is_available() or not torch.distributed.is_initialized() or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+class _LineProgress:
+    """Progress for pipes and log files: one line every ``every`` seconds and at the end, no carriage returns."""
+
+    def __init__(self, it: Iterable[T] | None, total: int | None, desc: str, every: float = 30.0) -> None:
+        self.it, self.total, self.desc, self.every = it, total, desc, every
+        self.n, self.postfix, self.start, self.last = 0, "", time.monotonic(), time.monotonic()
+
+    def __iter__(self) -> Iterator[Any]:
+        assert self.it is not None
+        for x in self.it:
+            yield x
+            self.update()
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= self.every:
+            self._print()
+
+    def set_postfix_str(self, s: str, refresh: bool = True) -> None:
+        self.postfix = s
+
+    def set_description(self, s: str) -> None:
+        self.desc = s
+
+    def _print(self) -> None:
+        self.last = time.monotonic()
+        total = f"/{self.total}" if self.total else ""
+        print(f"{self.desc}: {self.n}{total} [{self.last - self.start:.0f}s] {self.postfix}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.n:
+            self._print()
+            self.n = 0
+
+    def __enter__(self) -> _LineProgress:
+        return self
+
+    def __exit__(self, *a: object) -> None:
+        self.close()
+
+
+class _NoProgress(_LineProgress):
+    def _print(self) -> None:
+        pass
+
+
+def progress(it: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", quiet: bool = False,
+             leave: bool = True) -> Any:
+    """tqdm on a terminal, a periodic plain line otherwise, nothing with ``quiet`` or off rank 0."""
+    if quiet or not is_main_process():
+        return _NoProgress(it, total, desc)
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        return tqdm(it, total=total, desc=desc, leave=leave, dynamic_ncols=True)
+    return _LineProgress(it, total, desc)
+
+
+class Tee:
+    """Write to a stream and to a log file; the file gets final lines only (tqdm's carriage returns dropped)."""
+
+    def __init__(self, stream: TextIO, log: TextIO) -> None:
+        self.stream, self.log, self._buf = stream, log, ""
+
+    def write(self, s: str) -> int:
+        self.stream.write(s)
+        self._buf += s
+        while "\n" in self._buf:
+            line, self._buf = self._buf.split("\n", 1)
+            self.log.write(line.rsplit("\r", 1)[-1] + "\n")
+        self.log.flush()
+        return len(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.log.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
