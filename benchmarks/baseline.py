@@ -35,6 +35,7 @@ def pipeline_ratio(model: torch.nn.Module, data: object, cfg: TrainConfig, steps
         m = copy.deepcopy(model).to(memory_format=torch.channels_last)
         loader = data.loader("train", batch_size=cfg.batch_size, train=True, seed=100 + r)  # type: ignore[attr-defined]
         opt = make_optimizer(m, cfg, lr=1e-4)
+        train_one_epoch(m, loader, opt, cfg=cfg, device=torch.device("cpu"), max_steps=3, quiet=True)  # warm-up
         t0 = time.perf_counter()
         train_one_epoch(m, loader, opt, cfg=cfg, device=torch.device("cpu"), max_steps=steps, quiet=True)
         real = time.perf_counter() - t0

@@ -170,7 +170,8 @@ def validate(cfg: dict[str, dict[str, Any]]) -> None:
     for section, values in cfg.items():
         for key, value in values.items():
             nonneg = key in ("epochs", "episodes", "ft_steps", "retrain_epochs", "batch_size", "val_size")
-            if nonneg and isinstance(value, (int, float)) and value < (-1 if key == "val_size" else 0):
+            auto = key in ("episodes", "val_size")  # -1 means "the default for this run"
+            if nonneg and isinstance(value, (int, float)) and value < (-1 if auto else 0):
                 raise UserError(f"{section}.{key} must not be negative, got {value}")
     if cfg["train"]["batch_size"] <= 0:
         raise UserError(f"--batch-size must be positive, got {cfg['train']['batch_size']}")

@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 from torchpocket.errors import UserError
 
 T = TypeVar("T")
+
+
+def closest(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str | None:
+    """The choice most similar to ``name`` (difflib ratio), or None below ``cutoff``.
+
+    Ties go to the longer common prefix, then alphabetical order, so ``resnet2`` suggests
+    ``resnet20`` rather than ``resnet32`` (both score the same for difflib).
+    """
+    best, best_key = None, None
+    for choice in sorted(choices):
+        ratio = difflib.SequenceMatcher(None, choice, name).ratio()
+        key = (ratio, len(os.path.commonprefix([name, choice])))
+        if ratio >= cutoff and (best_key is None or key > best_key):
+            best, best_key = choice, key
+    return best
 
 
 class Registry(Generic[T]):
@@ -41,8 +57,8 @@ class Registry(Generic[T]):
 
     def unknown_message(self, name: str) -> str:
         choices = ", ".join(self.names())
-        close = difflib.get_close_matches(name, self.names(), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        close = closest(name, self.names())
+        hint = f" (did you mean {close!r}?)" if close else ""
         return f"unknown {self.kind} {name!r}{hint}; choose one of: {choices}"
 
     def names(self) -> list[str]:

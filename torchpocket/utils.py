@@ -35,8 +35,10 @@ def seed_everything(seed: int) -> None:
 
 
 def is_main_process() -> bool:
-    return not torch.distributed.is_available() or not torch.distributed.is_initialized() or (
-        torch.distributed.get_rank() == 0
+    return (
+        not torch.distributed.is_available()
+        or not torch.distributed.is_initialized()
+        or (torch.distributed.get_rank() == 0)
     )
 
 
@@ -68,7 +70,9 @@ class _LineProgress:
     def _print(self) -> None:
         self.last = time.monotonic()
         total = f"/{self.total}" if self.total else ""
-        print(f"{self.desc}: {self.n}{total} [{self.last - self.start:.0f}s] {self.postfix}", file=sys.stderr, flush=True)
+        print(
+            f"{self.desc}: {self.n}{total} [{self.last - self.start:.0f}s] {self.postfix}", file=sys.stderr, flush=True
+        )
 
     def close(self) -> None:
         if self.n:
@@ -87,8 +91,9 @@ class _NoProgress(_LineProgress):
         pass
 
 
-def progress(it: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", quiet: bool = False,
-             leave: bool = True) -> Any:
+def progress(
+    it: Iterable[T] | None = None, *, total: int | None = None, desc: str = "", quiet: bool = False, leave: bool = True
+) -> Any:
     """tqdm on a terminal, a periodic plain line otherwise, nothing with ``quiet`` or off rank 0."""
     if quiet or not is_main_process():
         return _NoProgress(it, total, desc)

@@ -42,7 +42,7 @@ def random_crop(x: Tensor, pad: int, gen: torch.Generator) -> Tensor:
     rows = (oy[:, None] + torch.arange(h))[:, :, None]  # B,H,1
     cols = (ox[:, None] + torch.arange(w))[:, None, :]  # B,1,W
     out = padded[torch.arange(b)[:, None, None], :, rows, cols]  # B,H,W,C
-    return out.permute(0, 3, 1, 2).contiguous()
+    return out.permute(0, 3, 1, 2)  # NCHW view with channels-last strides: what the trainer wants anyway
 
 
 class TensorLoader:
@@ -87,7 +87,9 @@ class TensorLoader:
             idx = torch.arange(n)
         if self.world_size > 1:
             per = math.ceil(n / self.world_size)
-            idx = torch.cat([idx, idx[: per * self.world_size - n]])  # pad like DistributedSampler
+            pad = per * self.world_size - n
+            if pad:  # pad like DistributedSampler, repeating when there are fewer samples than ranks
+                idx = torch.cat([idx, idx.repeat(math.ceil(pad / n))[:pad]])
             idx = idx[self.rank :: self.world_size]
         return idx
 

@@ -21,11 +21,16 @@ STD = [0.2470, 0.2435, 0.2616]
 
 
 class _NumpyOnly(pickle.Unpickler):
-    """The CIFAR pickles hold dicts of bytes, lists and numpy arrays: refuse anything else."""
+    """The CIFAR pickles hold dicts of bytes, lists and numpy arrays: refuse anything else.
+
+    Besides the original (Python 2, protocol 2) files, accept the same dicts re-pickled by
+    Python 3: protocol 2 stores bytes via ``_codecs.encode``, protocol 5 arrays via ``_frombuffer``.
+    """
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar")}
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self.ALLOWED:
@@ -39,11 +44,16 @@ def read_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
             d = _NumpyOnly(f, encoding="bytes").load()
         x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         y = np.asarray(d[label_key], dtype=np.int64)
-    except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as e:
+    except (OSError, pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as e:
         raise UserError(f"cannot read CIFAR batch {path}: {e}") from None
     if len(x) != len(y):
         raise UserError(f"{path}: {len(x)} images but {len(y)} labels")
     return x, y
+
+
+def _check_labels(y: np.ndarray, classes: int, where: Path) -> None:
+    if y.size and (y.min() < 0 or y.max() >= classes):
+        raise UserError(f"{where}: labels must be in 0..{classes - 1}, got {int(y.min())}..{int(y.max())}")
 
 
 def find_cifar_dir(name: str, data_dir: str | None) -> Path:
@@ -70,6 +80,8 @@ def load_cifar(name: str, *, data_dir: str | None = None, val_size: int = 5000, 
     _, train_files, test_files, key, classes = LAYOUT[name]
     tr = [read_batch(d / f, key) for f in train_files]
     te = [read_batch(d / f, key) for f in test_files]
+    for _, labels in tr + te:
+        _check_labels(labels, classes, d)
     x = normalise(torch.from_numpy(np.concatenate([a for a, _ in tr])), MEAN, STD)
     y = torch.from_numpy(np.concatenate([b for _, b in tr]))
     train, val = carve_val(x, y, val_size, seed)

@@ -59,6 +59,7 @@ def find_idx_dir(name: str, data_dir: str | None) -> Path:
     cache = Path(os.environ.get("TORCHPOCKET_CACHE", Path.home() / ".cache" / "torchpocket")) / "data"
     if _has_files(cache / name):
         return cache / name
+    tried.append(f"{cache / name}")
     try:
         from torchvision import datasets as tvd
 
@@ -68,6 +69,7 @@ def find_idx_dir(name: str, data_dir: str | None) -> Path:
         raw = cache / "tv" / cls.__name__ / "raw"
         if _has_files(raw):
             return raw
+        tried.append(f"download via torchvision (no {', '.join(FILES.values())} in {raw})")
     except Exception as e:  # noqa: BLE001 - any download failure becomes one user-facing line
         tried.append(f"download via torchvision ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     raise UserError(f"{name} data not found; tried: " + "; ".join(tried))
@@ -77,8 +79,14 @@ def load_idx_dataset(name: str, *, data_dir: str | None = None, val_size: int = 
     d = find_idx_dir(name, data_dir)
     arrays = {k: read_idx(d / f) for k, f in FILES.items()}
     for split in ("train", "test"):
-        if len(arrays[f"{split}_x"]) != len(arrays[f"{split}_y"]):
+        images, labels = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if images.ndim != 3 or labels.ndim != 1:
+            raise UserError(f"{d}: expected {split} images N x H x W and labels N, got shapes {images.shape} and "
+                            f"{labels.shape}")
+        if len(images) != len(labels):
             raise UserError(f"{d}: {split} images and labels differ in count")
+        if labels.size and labels.max() >= 10:
+            raise UserError(f"{d}: {split} labels must be in 0..9, got {int(labels.max())}")
     mean, std = STATS[name]
     x = normalise(torch.from_numpy(arrays["train_x"]), [mean], [std])
     y = torch.from_numpy(arrays["train_y"].astype(np.int64))

@@ -24,13 +24,22 @@ def imagenet(*, data_dir: str | None = None, val_size: int = 10000, seed: int = 
 
     root = Path(data_dir) if data_dir else None
     if root is None or not (root / "train").is_dir() or not (root / "val").is_dir():
-        raise UserError(f"imagenet needs --data-dir with train/ and val/ class folders (ImageFolder layout), got {root}")
+        raise UserError(
+            f"imagenet needs --data-dir with train/ and val/ class folders (ImageFolder layout), got {root}"
+        )
     norm = T.Normalize(MEAN, STD)
     train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
     eval_tf = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(), norm])
-    train_aug = tvd.ImageFolder(str(root / "train"), train_tf)
-    train_eval = tvd.ImageFolder(str(root / "train"), eval_tf)
-    test = tvd.ImageFolder(str(root / "val"), eval_tf)
+    try:
+        train_aug = tvd.ImageFolder(str(root / "train"), train_tf)
+        train_eval = tvd.ImageFolder(str(root / "train"), eval_tf)
+        test = tvd.ImageFolder(str(root / "val"), eval_tf)
+    except FileNotFoundError as e:  # no class folders, or no images in them
+        raise UserError(f"imagenet --data-dir {root}: {e}") from None
+    if test.classes != train_aug.classes:  # labels are class-folder indices: both trees must list the same classes
+        missing = sorted(set(train_aug.classes) ^ set(test.classes))
+        raise UserError(f"imagenet --data-dir {root}: train/ and val/ have different class folders "
+                        f"({len(train_aug.classes)} vs {len(test.classes)}; differing: {', '.join(missing[:5])})")
     n = len(train_aug)
     if not 0 <= val_size < n:
         raise UserError(f"val size must be in [0, {n}), got {val_size}")

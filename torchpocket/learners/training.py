@@ -57,15 +57,17 @@ class NonFiniteLoss(RuntimeError):
     """Training diverged (NaN or inf loss)."""
 
 
-def distill_loss(student: Tensor, teacher: Tensor, labels: Tensor, *, temperature: float, alpha: float,
-                 label_smoothing: float = 0.0) -> Tensor:
+def distill_loss(
+    student: Tensor, teacher: Tensor, labels: Tensor, *, temperature: float, alpha: float, label_smoothing: float = 0.0
+) -> Tensor:
     """Hinton et al. (2015): alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(labels)."""
     hard = F.cross_entropy(student, labels, label_smoothing=label_smoothing)
     if alpha <= 0:
         return hard
     t = temperature
-    soft = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
-                    reduction="batchmean") * (t * t)
+    soft = F.kl_div(
+        F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True, reduction="batchmean"
+    ) * (t * t)
     return alpha * soft + (1 - alpha) * hard
 
 
@@ -78,11 +80,14 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None) 
     return torch.optim.SGD(groups, lr=lr or cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
-def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(
+    opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     total_steps = max(1, total_steps)
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
-                                                   total_steps=total_steps, pct_start=0.25)
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total_steps, pct_start=0.25
+        )
     warm = int(cfg.warmup_epochs / max(cfg.epochs, 1) * total_steps)
 
     def factor(step: int) -> float:
@@ -96,13 +101,21 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: in
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def _forward_loss(model: nn.Module, x: Tensor, y: Tensor, teacher: nn.Module | None, cfg: TrainConfig) -> tuple[Tensor, Tensor]:
+def _forward_loss(
+    model: nn.Module, x: Tensor, y: Tensor, teacher: nn.Module | None, cfg: TrainConfig
+) -> tuple[Tensor, Tensor]:
     out = model(x)
     if teacher is not None:
         with torch.no_grad():
             t_out = teacher(x)
-        loss = distill_loss(out, t_out, y, temperature=cfg.distill_temperature, alpha=cfg.distill_alpha,
-                            label_smoothing=cfg.label_smoothing)
+        loss = distill_loss(
+            out,
+            t_out,
+            y,
+            temperature=cfg.distill_temperature,
+            alpha=cfg.distill_alpha,
+            label_smoothing=cfg.label_smoothing,
+        )
     else:
         loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
     return loss, out
@@ -160,13 +173,18 @@ def train_one_epoch(
     stats = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
     _all_reduce(stats)
     loss_sum, correct, seen = stats.tolist()
-    return {"loss": loss_sum / max(seen, 1), "acc": 100 * correct / max(seen, 1), "images_per_s": seen / elapsed,
-            "seconds": elapsed}
+    return {
+        "loss": loss_sum / max(seen, 1),
+        "acc": 100 * correct / max(seen, 1),
+        "images_per_s": seen / elapsed,
+        "seconds": elapsed,
+    }
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], *, device: torch.device,
-             max_batches: int = 0) -> float:
+def evaluate(
+    model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], *, device: torch.device, max_batches: int = 0
+) -> float:
     """Top-1 accuracy in percent (reduced across ranks when distributed)."""
     model.eval()
     correct = torch.zeros(2, dtype=torch.float64)
@@ -219,9 +237,19 @@ def fit(
     for epoch in range(epochs):
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
-        stats = train_one_epoch(model, train_loader, opt, cfg=cfg, device=device, scheduler=sched, teacher=teacher,
-                                after_step=after_step, max_steps=steps_per_epoch, quiet=quiet,
-                                desc=f"{desc} {epoch + 1}/{epochs}")
+        stats = train_one_epoch(
+            model,
+            train_loader,
+            opt,
+            cfg=cfg,
+            device=device,
+            scheduler=sched,
+            teacher=teacher,
+            after_step=after_step,
+            max_steps=steps_per_epoch,
+            quiet=quiet,
+            desc=f"{desc} {epoch + 1}/{epochs}",
+        )
         stats["val_acc"] = evaluate(model, val_loader, device=device) if val_loader is not None else float("nan")
         stats["epoch"] = epoch + 1
         history.append(stats)
@@ -229,9 +257,11 @@ def fit(
             from torchpocket.utils import is_main_process
 
             if is_main_process():
-                print(f"{desc} {epoch + 1}/{epochs}: loss {stats['loss']:.4f} train acc {stats['acc']:.2f}% "
-                      f"val acc {stats['val_acc']:.2f}% {stats['images_per_s']:.0f} img/s {stats['seconds']:.1f}s",
-                      flush=True)
+                print(
+                    f"{desc} {epoch + 1}/{epochs}: loss {stats['loss']:.4f} train acc {stats['acc']:.2f}% "
+                    f"val acc {stats['val_acc']:.2f}% {stats['images_per_s']:.0f} img/s {stats['seconds']:.1f}s",
+                    flush=True,
+                )
         if on_epoch is not None:
             on_epoch(epoch, stats)
     return history
@@ -262,8 +292,19 @@ def finetune(
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(10_000 + epoch)
         n = min(steps - done, len(train_loader))
-        stats = train_one_epoch(model, train_loader, opt, cfg=cfg, device=device, scheduler=sched, teacher=teacher,
-                                after_step=after_step, max_steps=n, quiet=quiet, desc="fine-tune")
+        stats = train_one_epoch(
+            model,
+            train_loader,
+            opt,
+            cfg=cfg,
+            device=device,
+            scheduler=sched,
+            teacher=teacher,
+            after_step=after_step,
+            max_steps=n,
+            quiet=quiet,
+            desc="fine-tune",
+        )
         done += n
         epoch += 1
     return stats
@@ -292,7 +333,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, pickle error, arbitrary-code pickle: all user errors
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {path} cannot be read (truncated or not a torchpocket checkpoint): {msg[:200]}") from None
+        raise UserError(
+            f"checkpoint {path} cannot be read (truncated or not a torchpocket checkpoint): {msg[:200]}"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a torchpocket checkpoint (no '{CHECKPOINT_FORMAT}' header)")
     return ckpt

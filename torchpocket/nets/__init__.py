@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from torchpocket.errors import UserError
-from torchpocket.registry import Registry
+from torchpocket.registry import Registry, closest
 
 NETS: Registry = Registry("net")
 register_net = NETS.register
@@ -23,6 +23,7 @@ def create_net(name: str, *, in_channels: int = 3, num_classes: int = 10, **kwar
     if name.startswith("tv:"):
         from torchpocket.nets.tv import create_torchvision
 
+        check_net_name(name)  # an unknown tv: name is a UserError, not torchvision's ValueError
         return create_torchvision(name[3:], in_channels=in_channels, num_classes=num_classes, **kwargs)
     return NETS.get(name)(in_channels=in_channels, num_classes=num_classes, **kwargs)
 
@@ -38,11 +39,11 @@ def check_net_name(name: str) -> None:
 
         valid = torchvision_names()
         if name[3:] not in valid:
-            import difflib
-
-            close = difflib.get_close_matches(name[3:], valid, n=1)
-            hint = f" (did you mean 'tv:{close[0]}'?)" if close else ""
-            raise UserError(f"unknown torchvision model {name!r}{hint}; choose tv:<name> with one of: {', '.join(valid)}")
+            close = closest(name[3:], valid)
+            hint = f" (did you mean 'tv:{close}'?)" if close else ""
+            raise UserError(
+                f"unknown torchvision model {name!r}{hint}; choose tv:<name> with one of: {', '.join(valid)}"
+            )
         return
     NETS.get(name)
 

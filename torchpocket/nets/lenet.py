@@ -12,7 +12,7 @@ class LeNet5(nn.Module):
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(inplace=True), nn.AdaptiveMaxPool2d(5),
+            nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(inplace=True), nn.AdaptiveMaxPool2d(5),
         )
         self.classifier = nn.Sequential(
             nn.Linear(16 * 25, 120), nn.ReLU(inplace=True), nn.Linear(120, 84), nn.ReLU(inplace=True),
@@ -25,5 +25,5 @@ class LeNet5(nn.Module):
 
 @register_net("lenet5")
 def lenet5(*, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
-    """LeNet-5 (LeCun et al. 1998) with ReLU; any input of 8x8 or larger"""
+    """LeNet-5 (LeCun et al. 1998) with ReLU; any input of 10x10 or larger (not 8x8 digits)"""
     return LeNet5(in_channels=in_channels, num_classes=num_classes)

@@ -1,0 +1,161 @@
+"""Deployment files (ONNX), each checked against the PyTorch model it came from.
+
+Exporter choice: the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``). In torch 2.9+
+the ``torch.export``-based exporter is the default, but it needs ``onnxscript`` (not a dependency of
+torchpocket), takes 10-40 s per CIFAR CNN on a loaded CPU against about 1-2 s here, and cannot produce
+opset 17 (it emits opset 18 and its down-conversion fails on ``Reduce*`` nodes). The TorchScript exporter
+folds eval-mode BatchNorm into constants, honours ``opset`` and marks the batch axis dynamic with
+``dynamic_axes``. ``dynamo=True`` stays available for models it cannot trace.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from torchpocket.profile import _eval_mode, example_input
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+
+
+class ExportMismatch(AssertionError):
+    """An exported model's outputs differ from the PyTorch model's beyond the tolerance."""
+
+
+@contextmanager
+def _quiet_legacy_exporter() -> Iterator[None]:
+    with warnings.catch_warnings():
+        # "You are using the legacy TorchScript-based ONNX export" / "The feature will be removed": chosen knowingly
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        yield
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...], *, opset: int = 17,
+                dynamic_batch: bool = True, dynamo: bool = False) -> Path:
+    """Export ``model`` (in eval mode) to ONNX at ``path`` for inputs of ``input_shape`` (C, H, W) per sample.
+
+    The graph has one input ``input`` and output ``output``; with ``dynamic_batch`` their first axis is
+    symbolic. The file is written to a temporary name beside ``path`` and renamed, so a crash never leaves
+    a truncated model. The model's train/eval flags are restored afterwards. ``dynamo=True`` uses the
+    ``torch.export``-based exporter instead (needs the ``onnxscript`` package; opset 18 at least).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    x = example_input(model, input_shape, batch_size=2 if dynamic_batch else 1)
+    try:
+        with _eval_mode(model), torch.no_grad():
+            if dynamo:
+                _export_dynamo(model, x, tmp, opset=opset, dynamic_batch=dynamic_batch)
+            else:
+                axes = {INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None
+                with _quiet_legacy_exporter():
+                    torch.onnx.export(model, (x,), str(tmp), dynamo=False, opset_version=opset,
+                                      input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], dynamic_axes=axes,
+                                      do_constant_folding=True)
+        import onnx
+
+        onnx.checker.check_model(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _export_dynamo(model: nn.Module, x: Tensor, path: Path, *, opset: int, dynamic_batch: bool) -> None:
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError("export_onnx(dynamo=True) needs the 'onnxscript' package (pip install onnxscript); "
+                           "the default dynamo=False exporter does not") from e
+    shapes: Any = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+    # this exporter has no implementations below opset 18 and its down-conversion fails on CNNs
+    torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=max(opset, 18), input_names=[INPUT_NAME],
+                      output_names=[OUTPUT_NAME], dynamic_shapes=shapes, external_data=False, verbose=False)
+
+
+def _session(path: str | os.PathLike, threads: int | None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def _flat_outputs(out: Any) -> list[np.ndarray]:
+    if isinstance(out, Tensor):
+        return [out.detach().float().cpu().numpy()]
+    if isinstance(out, (list, tuple)):
+        return [a for o in out for a in _flat_outputs(o)]
+    if isinstance(out, dict):
+        return _flat_outputs(list(out.values()))
+    return []
+
+
+def check_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...], *, batch_size: int = 4,
+               atol: float = 1e-4, rtol: float = 1e-3) -> float:
+    """Run ONNX Runtime (CPU) and the PyTorch model (eval mode) on one random batch; return the max abs diff.
+
+    Raises :class:`ExportMismatch` when an output's shape differs or some element is off by more than
+    ``atol + rtol * |torch value|``. The random input comes from a private generator (global RNG untouched).
+    """
+    gen = torch.Generator().manual_seed(0)
+    x = example_input(model, input_shape, batch_size=batch_size, generator=gen)
+    with _eval_mode(model), torch.inference_mode():
+        expected = _flat_outputs(model(x))
+    sess = _session(path, threads=torch.get_num_threads())
+    got = sess.run(None, {sess.get_inputs()[0].name: x.detach().cpu().numpy()})
+    if len(got) != len(expected):
+        raise ExportMismatch(f"{path}: ONNX model has {len(got)} outputs, the PyTorch model {len(expected)}")
+    worst = 0.0
+    for i, (g, e) in enumerate(zip(got, expected)):
+        if g.shape != e.shape:
+            raise ExportMismatch(f"{path}: output {i} has shape {g.shape} in ONNX Runtime, {e.shape} in PyTorch "
+                                 f"(batch {batch_size})")
+        diff = np.abs(g.astype(np.float64) - e.astype(np.float64))
+        worst = max(worst, float(diff.max(initial=0.0)))
+        excess = diff - (atol + rtol * np.abs(e))
+        if not np.all(np.isfinite(diff)) or (excess > 0).any():
+            raise ExportMismatch(f"{path}: output {i} differs from PyTorch by up to {diff.max():.3g} "
+                                 f"(allowed atol={atol:g} + rtol={rtol:g} * |value|, batch {batch_size})")
+    return worst
+
+
+def onnx_latency(path: str | os.PathLike, input_shape: tuple[int, ...], *, batch_size: int = 1,
+                 threads: int | None = None, warmup: int = 5, repeats: int = 20) -> float:
+    """Median seconds per ONNX Runtime (CPU) run of a ``batch_size`` batch; ``threads`` = intra-op threads."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    sess = _session(path, threads=threads)
+    inp = sess.get_inputs()[0]
+    dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+    feed = {inp.name: np.random.default_rng(0).standard_normal((batch_size, *input_shape)).astype(dtype)}
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """Size of a file in bytes."""
+    return Path(path).stat().st_size

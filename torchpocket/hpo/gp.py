@@ -1,0 +1,106 @@
+"""``gp``: Gaussian-process Bayesian optimisation through ``skopt.Optimizer`` (ask / tell, minimising -reward).
+
+skopt proposes a point ``x`` inside the layers' bounds; the budget projects it
+onto the target. skopt is told its own ``x`` with the reward of the projected
+policy, so its model only ever sees points it asked for. Layers whose bounds
+are equal are left out of skopt's space. Resume replays the journal of asks
+and tells into a fresh ``skopt.Optimizer`` with the same seed, which makes the
+same proposals again.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+from torchpocket.errors import UserError
+from torchpocket.hpo import register_hpo
+from torchpocket.hpo.base import Optimizer
+from torchpocket.hpo.space import Policy, SearchSpace
+
+
+def initial_points(total_trials: int) -> int:
+    """Random points before the GP is used: skopt's 10, fewer for short searches (a quarter, at least 2)."""
+    return 10 if total_trials <= 0 else max(2, min(10, total_trials // 4))
+
+
+@register_hpo("gp")
+class GPOptimizer(Optimizer):
+    """Gaussian-process Bayesian optimisation (scikit-optimize), proposals projected onto the budget"""
+
+    parallel: ClassVar[bool] = False
+
+    def __init__(self, space: SearchSpace, **kw: Any) -> None:
+        super().__init__(space, **kw)
+        try:
+            import skopt
+        except ImportError:
+            raise UserError("--hpo gp needs scikit-optimize: pip install 'torchpocket[gp]' "
+                            "(or pip install scikit-optimize)") from None
+        lows, highs = space.lows, space.highs
+        self.free = [i for i in range(len(space)) if highs[i] > lows[i]]
+        self.n_initial_points = initial_points(self.total_trials)
+        self._skopt = skopt
+        self.opt = self._new_skopt()
+        self.journal: list[list[Any]] = []  # [] for an ask, [x, y] for a tell: replayed on resume
+        self.pending: list[tuple[Policy, list[float]]] = []  # (projected policy, skopt's point)
+
+    def _new_skopt(self) -> Any:
+        lows, highs = self.space.lows, self.space.highs
+        if not self.free:
+            return None
+        return self._skopt.Optimizer(
+            dimensions=[(float(lows[i]), float(highs[i])) for i in self.free], base_estimator="GP",
+            n_initial_points=self.n_initial_points, random_state=self.seed)
+
+    def _ask_x(self) -> list[float]:
+        return [] if self.opt is None else [float(v) for v in self.opt.ask()]
+
+    def _tell_x(self, x: list[float], y: float) -> None:
+        if self.opt is not None:
+            self.opt.tell(list(x), y)
+
+    def ask(self) -> Policy:
+        x = self._ask_x()
+        self.journal.append([])
+        full = [float(v) for v in self.space.lows]
+        for i, v in zip(self.free, x):
+            full[i] = v
+        policy = self.space.budget.project(full)
+        self.pending.append((policy, x))
+        return policy
+
+    def tell(self, policy: Policy, reward: float) -> None:
+        super().tell(policy, reward)
+        key = [float(v) for v in policy]
+        i = next((k for k, (p, _) in enumerate(self.pending) if p == key), None)
+        if i is None:
+            if not self.pending:
+                return  # a policy skopt never proposed: nothing to learn from
+            i = 0
+        _, x = self.pending.pop(i)
+        y = -float(reward) if math.isfinite(reward) else self._worst()
+        self._tell_x(x, y)
+        self.journal.append([x, y])
+
+    def _worst(self) -> float:
+        ys = [e[1] for e in self.journal if e]
+        return max(ys) + 1.0 if ys else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [[list(p), r] for p, r in self.history], "n_layers": len(self.space),
+                "journal": [list(e) for e in self.journal],
+                "pending": [[list(p), list(x)] for p, x in self.pending]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["n_layers"]) != len(self.space):
+            raise UserError(f"the gp state is for {int(state['n_layers'])} layers, this model has {len(self.space)}")
+        self.opt = self._new_skopt()
+        for entry in state["journal"]:
+            if entry:
+                self._tell_x([float(v) for v in entry[0]], float(entry[1]))
+            else:
+                self._ask_x()
+        self.journal = [list(e) for e in state["journal"]]
+        self.pending = [([float(v) for v in p], [float(v) for v in x]) for p, x in state["pending"]]
+        self.history = [(list(p), float(r)) for p, r in state["history"]]

@@ -1,0 +1,152 @@
+"""Optuna-backed optimizers: ``tpe`` (TPE), ``evolution`` (NSGA-II) and ``optuna-gp`` (Optuna's GP sampler).
+
+One class, :class:`OptunaOptimizer`, drives an Optuna study through
+``study.ask()`` / ``study.tell()``: one ``suggest_float`` per layer (named
+after the layer), the point projected onto the budget, and the reward of the
+projected policy told to the trial that proposed it. Subclasses only choose the
+sampler. With ``storage`` (an Optuna RDB URL such as ``sqlite:///search.db``)
+the study lives in that database and several worker processes can share it;
+resuming then just reattaches to it. In memory, resume replays the journal of
+asks and tells into a fresh study with the same seed, which makes the same
+proposals again.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, ClassVar
+
+import optuna
+
+from torchpocket.errors import UserError
+from torchpocket.hpo import register_hpo
+from torchpocket.hpo.base import Optimizer
+from torchpocket.hpo.space import Policy, SearchSpace
+
+DEFAULT_STUDY_NAME = "torchpocket"
+
+
+class OptunaOptimizer(Optimizer):
+    """Base of the Optuna optimizers: an Optuna study driven by ask / tell; subclasses pick the sampler."""
+
+    parallel: ClassVar[bool] = True
+
+    def __init__(self, space: SearchSpace, **kw: Any) -> None:
+        super().__init__(space, **kw)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.study = self._open_study()
+        self.journal: list[list[Any]] = []  # [] for an ask, [trial number, value or None] for a tell
+        self.pending: list[tuple[Policy, int]] = []  # (projected policy, trial number), oldest first
+
+    def make_sampler(self) -> optuna.samplers.BaseSampler:
+        raise NotImplementedError
+
+    def _open_study(self) -> optuna.Study:
+        sampler = self.make_sampler()
+        if self.storage is None:
+            return optuna.create_study(sampler=sampler, direction="maximize", study_name=self.study_name)
+        name = self.study_name or DEFAULT_STUDY_NAME
+        try:
+            return optuna.create_study(storage=self.storage, study_name=name, load_if_exists=True,
+                                       direction="maximize", sampler=sampler)
+        except Exception as e:  # noqa: BLE001  (bad URL, missing driver, unreachable server, wrong direction...)
+            detail = (str(e).strip().splitlines() or [""])[0][:200]
+            raise UserError(f"cannot open Optuna storage {self.storage!r} (study {name!r}): "
+                            f"{type(e).__name__}: {detail}") from None
+
+    def _ask_trial(self) -> tuple[Policy, int]:
+        trial = self.study.ask()
+        lows, highs = self.space.lows, self.space.highs
+        x = [trial.suggest_float(name, float(lo), float(hi)) for name, lo, hi in zip(self.space.names, lows, highs)]
+        return self.space.budget.project(x), trial.number
+
+    def _tell_trial(self, number: int, value: float | None) -> None:
+        if value is None:
+            self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+        else:
+            self.study.tell(number, value)
+
+    def ask(self) -> Policy:
+        policy, number = self._ask_trial()
+        self.journal.append([])
+        self.pending.append((policy, number))
+        return policy
+
+    def tell(self, policy: Policy, reward: float) -> None:
+        super().tell(policy, reward)
+        key = [float(v) for v in policy]
+        i = next((k for k, (p, _) in enumerate(self.pending) if p == key), None)
+        if i is None:
+            if not self.pending:
+                return  # not a policy this study proposed: nothing to tell it
+            i = 0
+        _, number = self.pending.pop(i)
+        value = float(reward) if math.isfinite(reward) else None
+        self._tell_trial(number, value)
+        self.journal.append([number, value])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [[list(p), r] for p, r in self.history], "n_layers": len(self.space),
+                "storage": self.storage, "study_name": self.study.study_name,
+                "journal": [list(e) for e in self.journal],
+                "pending": [[list(p), n] for p, n in self.pending]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["n_layers"]) != len(self.space):
+            raise UserError(f"the optimizer state is for {int(state['n_layers'])} layers, this model has "
+                            f"{len(self.space)}: resume with the same model and learner")
+        if self.storage is None:
+            if state.get("storage") is not None:
+                raise UserError(f"this search kept its study in {state['storage']!r}: resume with --storage")
+            self.study = self._open_study()  # in memory: replay every ask and tell, in order
+            for entry in state["journal"]:
+                if entry:
+                    self._tell_trial(int(entry[0]), None if entry[1] is None else float(entry[1]))
+                else:
+                    self._ask_trial()
+        # with storage the trials are already in the database: the study opened in __init__ holds them
+        self.journal = [list(e) for e in state["journal"]]
+        self.pending = [([float(v) for v in p], int(n)) for p, n in state["pending"]]
+        self.history = [(list(p), float(r)) for p, r in state["history"]]
+
+
+@register_hpo("tpe")
+class TPEOptimizer(OptunaOptimizer):
+    """Tree-structured Parzen estimator (Optuna TPESampler); --storage lets workers share one study"""
+
+    def make_sampler(self) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.TPESampler(seed=self.seed)
+
+
+def population_size(total_trials: int) -> int:
+    """NSGA-II population: Optuna's 50, or a fifth of a shorter search (at least 4)."""
+    return 50 if total_trials <= 0 else min(50, max(4, total_trials // 5))
+
+
+@register_hpo("evolution")
+class EvolutionOptimizer(OptunaOptimizer):
+    """Evolutionary search (Optuna NSGAIISampler), population scaled to the number of trials"""
+
+    def make_sampler(self) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.NSGAIISampler(seed=self.seed, population_size=population_size(self.total_trials))
+
+
+def _gp_sampler_available() -> bool:
+    try:
+        from optuna.samplers import GPSampler  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if _gp_sampler_available():
+
+    @register_hpo("optuna-gp")
+    class OptunaGPOptimizer(OptunaOptimizer):
+        """Gaussian-process Bayesian optimisation (Optuna GPSampler); --storage lets workers share one study"""
+
+        def make_sampler(self) -> optuna.samplers.BaseSampler:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.samplers.GPSampler(seed=self.seed)

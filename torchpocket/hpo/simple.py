@@ -1,0 +1,46 @@
+"""Baselines: ``random`` (uniform in the bounds, projected onto the budget) and ``uniform`` (one ratio for all)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from torchpocket.hpo import register_hpo
+from torchpocket.hpo.base import Optimizer
+from torchpocket.hpo.space import Policy, SearchSpace
+
+
+@register_hpo("random")
+class RandomSearch(Optimizer):
+    """Random search: each layer uniform in its [low, high], projected onto the budget"""
+
+    parallel: ClassVar[bool] = False
+
+    def __init__(self, space: SearchSpace, **kw: Any) -> None:
+        super().__init__(space, **kw)
+        self.rng = np.random.default_rng(self.seed)
+
+    def ask(self) -> Policy:
+        x = self.rng.uniform(self.space.lows, self.space.highs)
+        return self.space.budget.project(x)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [(list(p), float(r)) for p, r in state["history"]]
+        self.rng.bit_generator.state = state["rng"]
+
+
+@register_hpo("uniform")
+class UniformPolicy(Optimizer):
+    """Uniform baseline: the same ratio for every layer, meeting the target (asks the same policy every time)"""
+
+    parallel: ClassVar[bool] = False
+
+    def ask(self) -> Policy:
+        return self.space.budget.uniform()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [(list(p), float(r)) for p, r in state["history"]]

@@ -1,0 +1,515 @@
+"""Channel groups from Torch-Pruning's dependency graph, their exact cost, and the surgery that removes them.
+
+Shared by the channel pruners (``chn-pruned`` and the discrimination-aware one):
+nothing here selects channels; it only answers *which channels must go together*,
+*what a model costs when each group keeps k of its channels* and *how to cut them*.
+
+A :class:`ChannelGroup` is rooted at a **consumer**, a Conv2d (``groups=1``) or
+Linear layer whose *input* channels are pruned (AMC's convention: the policy
+value of a layer is the preserve ratio of its input channels). Torch-Pruning's
+``DependencyGraph.get_pruning_group`` lists everything coupled to those channels:
+the producers' output channels, batch norms, depthwise convs in between, other
+consumers of the same tensor, concatenations and flattening. The group's **units**
+are the smallest sets of consumer input indices that must go together (one per
+channel, or one per channel's block of flattened features before a Linear).
+
+Surgery is a list of plain ``(module name, pruning function name, removed indices)``
+operations in the modules' original index spaces; :func:`apply_ops` replays it with
+Torch-Pruning's pruning functions, on a candidate or on a freshly built network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+from torch_pruning.pruner import function as tpf
+
+from torchpocket.errors import UserError
+
+#: the Torch-Pruning functions a recorded operation may name (anything else is refused on replay)
+HANDLER_NAMES = (
+    "prune_conv_out_channels",
+    "prune_conv_in_channels",
+    "prune_depthwise_conv_out_channels",
+    "prune_batchnorm_out_channels",
+    "prune_linear_out_channels",
+    "prune_linear_in_channels",
+)
+HANDLERS: dict[str, Callable[[nn.Module, Sequence[int]], nn.Module]] = {n: getattr(tpf, n) for n in HANDLER_NAMES}
+_IN_HANDLERS = ("prune_conv_in_channels", "prune_linear_in_channels")
+_PRODUCER_HANDLERS = ("prune_conv_out_channels", "prune_linear_out_channels")
+
+_PASS_THROUGH = {tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.RESHAPE,
+                 tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.EXPAND}
+
+Op = tuple[str, str, list[int]]  # (module name, handler name, removed indices)
+
+
+def handler_name(fn: Callable) -> str | None:
+    """The public Torch-Pruning name of a dependency's pruning function (None: not one we replay)."""
+    for name, h in HANDLERS.items():
+        if fn == h:
+            return name
+    return None
+
+
+@dataclass
+class Member:
+    """One coupled tensor dimension of a group: which indices of ``module`` go with each unit."""
+
+    module: str
+    handler: str
+    unit_idxs: list[list[int]]
+
+    @property
+    def size(self) -> int:
+        return sum(len(ix) for ix in self.unit_idxs)
+
+
+@dataclass
+class ChannelGroup:
+    """Channels pruned together; the policy value is the fraction of ``units`` kept."""
+
+    name: str  # the root consumer (first in module order)
+    consumers: list[str]  # every Conv2d / Linear whose input channels this group prunes
+    members: list[Member]
+    units: int
+    classes: list[list[int]]  # units that cost the same; each keeps its own share (concat segments)
+    coupled: bool  # tied by an element-wise op with several inputs (residual addition, gating)
+    depthwise: bool  # the channels flow through a depthwise conv
+    kind: str = "conv"  # LayerSpec kind: linear (a Linear consumer), dwconv (through a depthwise conv), conv
+
+    def member(self, module: str, handler: str) -> Member:
+        for m in self.members:
+            if m.module == module and m.handler == handler:
+                return m
+        raise KeyError((module, handler))
+
+    def consumer_member(self, consumer: str) -> Member:
+        return next(m for m in self.members if m.module == consumer and m.handler in _IN_HANDLERS)
+
+    def ops(self, removed_units: Sequence[int]) -> list[Op]:
+        """The surgery removing ``removed_units`` (indices in each module's original numbering)."""
+        if not len(removed_units):
+            return []
+        out: list[Op] = []
+        for m in self.members:
+            idxs = sorted(i for u in removed_units for i in m.unit_idxs[u])
+            if idxs:
+                out.append((m.module, m.handler, idxs))
+        return out
+
+
+@dataclass
+class LayerGeom:
+    """What the cost model needs of one Conv2d / Linear / BatchNorm layer of the original model."""
+
+    name: str
+    type: str  # conv | dwconv | gconv | linear | bn
+    in0: int
+    out0: int
+    kernel: tuple[int, ...] = (1, 1)
+    stride: int = 1
+    groups: int = 1
+    bias: bool = False
+    positions: int = 0  # output positions per sample, summed over calls (conv: H*W, linear: tokens)
+    params: int = 0
+
+    @property
+    def kk(self) -> int:
+        return int(math.prod(self.kernel))
+
+
+@dataclass
+class GraphInfo:
+    """Result of :func:`find_channel_groups`."""
+
+    groups: list[ChannelGroup]
+    skipped: dict[str, str]  # consumer -> why its input channels are not prunable
+    layers: dict[str, LayerGeom]
+    input_shape: list[int]
+    total_flops: float  # torch.utils.flop_counter count of one sample (2 x MACs)
+    total_params: int
+    notes: list[str] = field(default_factory=list)
+
+
+# -- analysis -------------------------------------------------------------------------------------
+
+
+def _layer_geometry(model: nn.Module, example: Tensor) -> tuple[dict[str, LayerGeom], float]:
+    layers: dict[str, LayerGeom] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            if m.groups == 1:
+                kind = "conv"
+            elif m.groups == m.in_channels == m.out_channels:
+                kind = "dwconv"
+            else:
+                kind = "gconv"
+            layers[name] = LayerGeom(name, kind, m.in_channels, m.out_channels, tuple(m.kernel_size), m.stride[0],
+                                     m.groups, m.bias is not None, params=sum(p.numel() for p in m.parameters(False)))
+        elif isinstance(m, nn.Linear):
+            layers[name] = LayerGeom(name, "linear", m.in_features, m.out_features, bias=m.bias is not None,
+                                     params=sum(p.numel() for p in m.parameters(False)))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            layers[name] = LayerGeom(name, "bn", m.num_features, m.num_features, bias=m.affine,
+                                     params=sum(p.numel() for p in m.parameters(False)))
+    handles = []
+    mods = dict(model.named_modules())
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(mod: nn.Module, inp: Any, out: Tensor) -> None:
+            lay = layers[name]
+            if lay.type == "linear":
+                lay.positions += out.numel() // max(1, out.shape[-1]) // out.shape[0]
+            elif lay.type != "bn":
+                lay.positions += out.shape[-1] * out.shape[-2]
+        return fn
+
+    for name, lay in layers.items():
+        if lay.type != "bn":
+            handles.append(mods[name].register_forward_hook(hook(name)))
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            model(example[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return layers, float(counter.get_total_flops())
+
+
+def _union_find(n: int) -> tuple[list[int], Callable[[int], int], Callable[[int, int], None]]:
+    parent = list(range(n))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    def union(a: int, b: int) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    return parent, find, union
+
+
+def _analyse_group(graph: tp.DependencyGraph, module: nn.Module, names: dict[nn.Module, str],
+                   layers: dict[str, LayerGeom]) -> ChannelGroup | str:
+    """The group rooted at ``module``'s input channels, or the reason it cannot be pruned."""
+    root = names[module]
+    in_fn = tp.prune_conv_in_channels if isinstance(module, nn.Conv2d) else tp.prune_linear_in_channels
+    n_in = layers[root].in0
+    group = graph.get_pruning_group(module, in_fn, list(range(n_in)))
+    _, find, union = _union_find(n_in)
+    coupled = depthwise = False
+    items: list[tuple[str, str, list[int], list[int]]] = []
+    for item in group.items:
+        node = item.dep.target
+        idxs, roots = list(item.idxs), list(item.root_idxs)
+        first: dict[int, int] = {}
+        for i, r in zip(idxs, roots):
+            if i in first:
+                union(first[i], r)
+            else:
+                first[i] = r
+        if node.type == tp.ops.OPTYPE.OUTPUT:
+            return "its channels reach the model's output"
+        if node.type in _PASS_THROUGH:
+            if node.type == tp.ops.OPTYPE.ELEMENTWISE and len(node.inputs) >= 2:
+                coupled = True
+            continue
+        mod = node.module
+        name = names.get(mod) if isinstance(mod, nn.Module) else None
+        hname = handler_name(item.dep.handler)
+        if name is None or hname is None or name not in layers:
+            what = type(mod).__name__ if isinstance(mod, nn.Module) else "an unwrapped parameter"
+            return f"the channels are coupled to {what} ({name or '?'}), which this pruner does not handle"
+        lay = layers[name]
+        if lay.type == "gconv":
+            return f"the channels are coupled to the grouped conv {name}"
+        if lay.type == "dwconv":
+            depthwise = True
+        if hname in _PRODUCER_HANDLERS and not node.outputs:
+            return f"the channels are the model's output ({name})"
+        items.append((name, hname, idxs, roots))
+    # units: consumer input indices tied by sharing an index somewhere in the group
+    comp: dict[int, int] = {}
+    unit_of_root = [comp.setdefault(find(r), len(comp)) for r in range(n_in)]
+    units = len(comp)
+    if units < 2:
+        return "fewer than two prunable units"
+    members: list[Member] = []
+    for name, hname, idxs, roots in items:
+        per: list[set[int]] = [set() for _ in range(units)]
+        for i, r in zip(idxs, roots):
+            per[unit_of_root[r]].add(i)
+        members.append(Member(name, hname, [sorted(s) for s in per]))
+    covered = np.zeros(units, bool)
+    for m in members:
+        if m.handler in _PRODUCER_HANDLERS:
+            covered |= np.array([len(ix) > 0 for ix in m.unit_idxs])
+    if not covered.all():
+        return "some of its input channels come from no prunable layer (the network input)"
+    sig: dict[tuple[int, ...], list[int]] = {}
+    for u in range(units):
+        sig.setdefault(tuple(len(m.unit_idxs[u]) for m in members), []).append(u)
+    consumers = [m.module for m in members if m.handler in _IN_HANDLERS]
+    kind = "linear" if layers[root].type == "linear" else ("dwconv" if depthwise else "conv")
+    g = ChannelGroup(root, consumers, members, units, list(sig.values()), coupled, depthwise, kind)
+    # cross-check the unit mapping against the graph on a partial selection
+    test_units = [u for u in range(units) if u % 3 == 0][: units - 1]
+    roots_sel = [r for r in range(n_in) if unit_of_root[r] in set(test_units)]
+    check = graph.get_pruning_group(module, in_fn, roots_sel)
+    got: dict[tuple[str, str], set[int]] = {}
+    for item in check.items:
+        mod = item.dep.target.module
+        hname = handler_name(item.dep.handler)
+        if isinstance(mod, nn.Module) and mod in names and hname is not None:
+            got.setdefault((names[mod], hname), set()).update(int(i) for i in item.idxs)
+    want = {(op[0], op[1]): set(op[2]) for op in g.ops(test_units)}
+    if got != want:
+        return "the dependency graph's index mapping is not a partition of channels (unsupported layout)"
+    return g
+
+
+def find_channel_groups(model: nn.Module, example: Tensor, *, coupled: str = "skip") -> GraphInfo:
+    """Every prunable channel group of ``model`` (traced on a copy, in eval mode; ``model`` is untouched).
+
+    ``coupled='skip'`` leaves channels tied by an element-wise op (residual additions)
+    alone; ``'prune'`` keeps those groups (their channels are then pruned together).
+    The first conv's input (the image) and the final classifier's outputs never appear.
+    """
+    import copy
+
+    if coupled not in ("skip", "prune"):
+        raise UserError(f"coupled must be 'skip' or 'prune', got {coupled!r}")
+    net = copy.deepcopy(model).cpu().eval()
+    example = example[:1].detach().cpu()
+    layers, total_flops = _layer_geometry(net, example)
+    names = {m: n for n, m in net.named_modules()}
+    with torch.enable_grad():
+        graph = tp.DependencyGraph().build_dependency(net, example_inputs=example, verbose=False)
+    groups: list[ChannelGroup] = []
+    skipped: dict[str, str] = {}
+    owner: dict[tuple[str, str], str] = {}
+    seen: set[str] = set()
+    for name, m in net.named_modules():
+        lay = layers.get(name)
+        if lay is None or lay.type not in ("conv", "linear") or name in seen or m not in graph.module2node:
+            continue
+        if isinstance(m, nn.Conv2d) and m.transposed:
+            continue
+        res = _analyse_group(graph, m, names, layers)
+        if isinstance(res, str):
+            skipped[name] = res
+            seen.add(name)
+            continue
+        seen.update(res.consumers)
+        if res.coupled and coupled == "skip":
+            for c in res.consumers:
+                skipped[c] = "channels tied by an element-wise op (residual add); --cp-coupled prune prunes them"
+            continue
+        clash = [owner[(mm.module, mm.handler)] for mm in res.members if (mm.module, mm.handler) in owner]
+        if clash:
+            for c in res.consumers:
+                skipped.setdefault(c, f"its channels overlap group {clash[0]}")
+            continue
+        for mm in res.members:
+            owner[(mm.module, mm.handler)] = res.name
+        groups.append(res)
+    total_params = sum(p.numel() for p in model.parameters())
+    return GraphInfo(groups, skipped, layers, list(example.shape), total_flops, total_params)
+
+
+# -- cost ---------------------------------------------------------------------------------------
+
+
+def keep_counts(ratios: np.ndarray, sizes: np.ndarray, round_to: int = 1) -> np.ndarray:
+    """Channels kept for preserve ratios: nearest of {multiples of round_to} U {size}, >= 1, <= size.
+
+    Non-decreasing in every ratio, and a ratio of 1 keeps everything.
+    """
+    n = max(1, int(round_to))
+    r = np.clip(np.asarray(ratios, float), 0.0, 1.0)
+    want = r * sizes
+    lo = n * np.floor(want / n + 1e-9)
+    hi = np.minimum(lo + n, sizes)
+    k = np.where(want - lo < hi - want - 1e-12, lo, hi)
+    k = np.maximum(k, np.minimum(n, sizes))
+    return np.clip(k, 1, sizes).astype(np.int64)
+
+
+class CostModel:
+    """Exact FLOPs / parameter count of the model as a function of each group's preserve ratio.
+
+    Per-class keep counts go through :func:`keep_counts` (channel rounding included),
+    so the Budget's projection lands on models that really have the projected cost.
+    FLOPs follow ``torch.utils.flop_counter`` (2 x multiply-adds of convs and matmuls);
+    everything not modelled per layer is a constant measured once.
+    """
+
+    def __init__(self, info: GraphInfo, *, round_to: int = 1) -> None:
+        self.info, self.round_to = info, round_to
+        groups = info.groups
+        cls_group, cls_size, cls_units = [], [], []
+        for gi, g in enumerate(groups):
+            for c in g.classes:
+                cls_group.append(gi)
+                cls_size.append(len(c))
+                cls_units.append(c)
+        self.class_group = np.asarray(cls_group, np.int64)
+        self.class_size = np.asarray(cls_size, np.int64)
+        self.class_units = cls_units
+        # kept indices of member i = cnt[i] @ kept units per class
+        item_index: dict[tuple[str, str], int] = {}
+        rows = []
+        item_group = []
+        for gi, g in enumerate(groups):
+            for m in g.members:
+                item_index[(m.module, m.handler)] = len(rows)
+                row = np.zeros(len(cls_group))
+                for q, (qg, units) in enumerate(zip(cls_group, cls_units)):
+                    if qg == gi:
+                        row[q] = len(m.unit_idxs[units[0]])
+                rows.append(row)
+                item_group.append(gi)
+        self.cnt = np.asarray(rows).reshape(len(rows), len(cls_group))
+        mods = [lay for lay in info.layers.values() if lay.type != "gconv"]
+        in_item, out_item, in0, out0, fa, pa, pb, own = [], [], [], [], [], [], [], []
+        for lay in mods:
+            t = lay.type
+            if t == "conv":
+                ii = item_index.get((lay.name, "prune_conv_in_channels"), -1)
+                oi = item_index.get((lay.name, "prune_conv_out_channels"), -1)
+                a_f, a_p = 2.0 * lay.positions * lay.kk, float(lay.kk)
+                i0 = lay.in0
+            elif t == "linear":
+                ii = item_index.get((lay.name, "prune_linear_in_channels"), -1)
+                oi = item_index.get((lay.name, "prune_linear_out_channels"), -1)
+                a_f, a_p = 2.0 * lay.positions, 1.0
+                i0 = lay.in0
+            elif t == "dwconv":
+                ii, oi = -1, item_index.get((lay.name, "prune_depthwise_conv_out_channels"), -1)
+                a_f, a_p, i0 = 2.0 * lay.positions * lay.kk, float(lay.kk), 1
+            else:  # bn
+                ii, oi = -1, item_index.get((lay.name, "prune_batchnorm_out_channels"), -1)
+                a_f, a_p, i0 = 0.0, 2.0 if lay.bias else 0.0, 1
+            in_item.append(ii)
+            out_item.append(oi)
+            in0.append(i0)
+            out0.append(lay.out0)
+            fa.append(a_f)
+            pa.append(a_p)
+            pb.append(1.0 if (lay.bias and t != "bn") else 0.0)
+            g_own = item_group[ii] if ii >= 0 else (item_group[oi] if (oi >= 0 and t in ("dwconv", "bn")) else -1)
+            own.append(g_own)
+        self.in_item, self.out_item = np.asarray(in_item, np.int64), np.asarray(out_item, np.int64)
+        self.in0, self.out0 = np.asarray(in0, float), np.asarray(out0, float)
+        self.fa, self.pa, self.pb = np.asarray(fa), np.asarray(pa), np.asarray(pb)
+        self.owner = np.asarray(own, np.int64)
+        self.module_names = [lay.name for lay in mods]
+        full_counts = self.class_size.copy()
+        f_mod, p_mod = self._per_module(full_counts)
+        self.flops_const = max(0.0, info.total_flops - float(f_mod.sum()))
+        self.params_const = max(0.0, float(info.total_params) - float(p_mod.sum()))
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.info.groups)
+
+    def counts(self, policy: Sequence[float]) -> np.ndarray:
+        """Units kept per class for a policy (one preserve ratio per group)."""
+        p = np.asarray(policy, float)
+        if p.shape != (self.n_groups,):
+            raise ValueError(f"policy has {p.size} values, this model has {self.n_groups} prunable groups")
+        return keep_counts(p[self.class_group], self.class_size, self.round_to)
+
+    def kept_units(self, policy: Sequence[float]) -> list[int]:
+        k = self.counts(policy)
+        out = [0] * self.n_groups
+        for q, g in enumerate(self.class_group):
+            out[g] += int(k[q])
+        return out
+
+    def _per_module(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        kept = self.cnt @ counts.astype(float) if self.cnt.size else np.zeros(0)
+        cin = np.where(self.in_item >= 0, kept[np.maximum(self.in_item, 0)] if kept.size else 0.0, self.in0)
+        cout = np.where(self.out_item >= 0, kept[np.maximum(self.out_item, 0)] if kept.size else 0.0, self.out0)
+        flops = self.fa * cin * cout
+        params = self.pa * cin * cout + self.pb * cout
+        return flops, params
+
+    def cost(self, policy: Sequence[float], resource: str = "flops") -> float:
+        f, p = self._per_module(self.counts(policy))
+        return float(f.sum() + self.flops_const) if resource == "flops" else float(p.sum() + self.params_const)
+
+    def layer_costs(self, policy: Sequence[float], resource: str = "flops") -> np.ndarray:
+        """Per-group share of the cost: the group's consumers and the depthwise convs / norms it owns."""
+        f, p = self._per_module(self.counts(policy))
+        v = f if resource == "flops" else p
+        mask = self.owner >= 0
+        return np.bincount(self.owner[mask], weights=v[mask], minlength=self.n_groups)
+
+    @property
+    def full_flops(self) -> float:
+        return self.info.total_flops if self.n_groups == 0 else self.cost([1.0] * self.n_groups, "flops")
+
+    @property
+    def full_params(self) -> float:
+        return float(self.info.total_params) if self.n_groups == 0 else self.cost([1.0] * self.n_groups, "params")
+
+
+# -- surgery ------------------------------------------------------------------------------------
+
+
+def apply_ops(model: nn.Module, ops: Sequence[Sequence[Any]]) -> nn.Module:
+    """Replay recorded pruning operations on ``model`` in place (Torch-Pruning's pruning functions)."""
+    for op in ops:
+        if len(op) != 3:
+            raise UserError(f"malformed channel-pruning operation {op!r}: expected (module, function, indices)")
+        name, hname, idxs = op
+        if hname not in HANDLERS:
+            raise UserError(f"unknown pruning function {hname!r} in a checkpoint; expected one of "
+                            f"{', '.join(HANDLER_NAMES)}")
+        try:
+            module = model.get_submodule(str(name))
+        except AttributeError:
+            raise UserError(f"the recorded pruning refers to a layer {name!r} this network does not have") from None
+        idxs = [int(i) for i in idxs]
+        size = _dim_size(module, hname)
+        if size is None or any(not 0 <= i < size for i in idxs) or len(set(idxs)) >= size:
+            raise UserError(f"the recorded pruning of {name!r} ({hname}, {len(idxs)} indices) does not fit its "
+                            f"{type(module).__name__} layer of {size} channels")
+        HANDLERS[hname](module, idxs)
+    return model
+
+
+def _dim_size(module: nn.Module, hname: str) -> int | None:
+    if hname.startswith("prune_conv") and isinstance(module, nn.Conv2d):
+        return module.out_channels if "out" in hname else module.in_channels
+    if hname.startswith("prune_depthwise") and isinstance(module, nn.Conv2d):
+        return module.out_channels
+    if hname.startswith("prune_linear") and isinstance(module, nn.Linear):
+        return module.out_features if "out" in hname else module.in_features
+    if hname.startswith("prune_batchnorm") and isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features
+    return None
+
+
+def example_input(data: Any) -> Tensor:
+    """One training sample as a batch of one (the shape traced for the graph and the FLOPs)."""
+    train = data.train
+    x = train.x[:1] if hasattr(train, "x") else train[0][0][None]
+    return x.detach().float().cpu()

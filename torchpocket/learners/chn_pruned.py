@@ -1,0 +1,413 @@
+"""``chn-pruned``: channel pruning with LASSO channel selection and least-squares reconstruction.
+
+AMC (He et al. 2018) search on top of "Channel Pruning for Accelerating Very Deep
+Neural Networks" (He et al. 2017), as in PocketFlow's ChannelPrunedLearner:
+
+* a policy value is the **preserve ratio of a prunable layer's input channels**; the
+  producer's output channels and everything coupled to them (batch norms, depthwise
+  convs, other consumers, concatenations) go with them -- see :mod:`channel_graph`;
+* :meth:`prepare` extracts the calibration statistics **once** from the original model
+  on training batches: for every consumer layer, the second moment ``E[x x^T]`` of its
+  input patches at ``points_per_layer`` random positions per image (AMC's sampled
+  feature-map points). Because the consumer's original output is ``y = W x``, this one
+  matrix gives both LASSO's and least squares' sufficient statistics, so a candidate
+  never touches data again;
+* channel selection (``select``): ``lasso`` solves He et al.'s LASSO over per-channel
+  output contributions ``Z_c = W_c x_c`` (``y ~ sum_c beta_c Z_c``) along its whole LARS
+  path once, and for k channels takes the support at the largest penalty where exactly
+  k coefficients are non-zero (the exact form of PocketFlow's bisection on the penalty);
+  ``l1`` ranks channels by the L1 norm of the consumer's weights on them (AMC);
+  ``random`` is a seeded permutation. Channels tied by a residual addition are ranked by
+  the L1 norm of every coupled layer's weights (group importance);
+* ``reconstruct``: each consumer's remaining weights are re-fitted by (ridge-toward-the-
+  original) least squares so its output on the calibration points is preserved;
+* the cut is real: Torch-Pruning's pruning functions shrink Conv2d / BatchNorm / Linear
+  layers, and the list of cuts is the architecture record that :meth:`rebuild` replays.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from torchpocket.config import opt, register_section
+from torchpocket.datasets import DataBundle
+from torchpocket.errors import UserError
+from torchpocket.hpo.space import Budget, LayerSpec, Policy, SearchSpace
+from torchpocket.learners import register_learner
+from torchpocket.learners.base import Learner
+from torchpocket.learners.channel_graph import (
+    ChannelGroup,
+    CostModel,
+    GraphInfo,
+    apply_ops,
+    example_input,
+    find_channel_groups,
+)
+
+ARCH_ATTR = "_torchpocket_chn_arch"  # the pruning record rides on the pruned module (survives deepcopy)
+_RIDGE = 1e-3  # least squares: pull toward the original weights, relative to the Gram matrix's mean diagonal
+_MAX_GRAM_DIM = 8192  # consumers with more input features (kernel x channels) get no calibration statistics
+
+
+@dataclass
+class ChnConfig:
+    """Options of ``chn-pruned`` (config section ``chn``)."""
+
+    select: str = opt("lasso", "channel selection: LASSO on sampled feature maps (He et al. 2017), L1 weight "
+                      "magnitude (AMC) or random", flag="--cp-select", choices=("lasso", "l1", "random"))
+    reconstruct: bool = opt(True, "re-fit each pruned layer's consumer by least squares on the calibration points",
+                            flag="--cp-reconstruct")
+    channel_round: int = opt(1, "keep a multiple of this many channels in every pruned layer", flag="--channel-round")
+    calib_batches: int = opt(8, "training batches (of --batch-size) whose feature maps are sampled once for "
+                             "LASSO and reconstruction (AMC: 60 of 50)", flag="--calib-batches")
+    points_per_layer: int = opt(10, "random feature-map positions sampled per image and layer (AMC: 10)",
+                                flag="--cp-points")
+    coupled: str = opt("skip", "channels tied by residual additions: leave them alone, or prune them together "
+                       "(ranked by group L1 norm)", flag="--cp-coupled", choices=("skip", "prune"))
+    resource: str = opt("flops", "what --target constrains", flag="--resource", choices=("flops", "params"))
+    low: float = opt(0.2, "smallest preserve ratio of a layer's input channels (AMC: 0.2)", flag="--cp-low")
+    high: float = opt(1.0, "largest preserve ratio of a layer's input channels", flag="--cp-high")
+
+
+register_section("chn", ChnConfig)
+
+
+@dataclass
+class _Calib:
+    """Calibration statistics of one consumer layer (from the original model)."""
+
+    gram: Tensor  # D x D, E[x x^T] of sampled input patches (float32)
+    gw: Tensor  # D x O, E[x y^T] = gram @ W0^T (float64)
+    weight: Tensor  # O x D, original weights, flattened (float64)
+    kk: int  # features per input channel (kernel area; 1 for Linear)
+    rows: int
+
+
+@dataclass
+class _Selector:
+    """How a group ranks its units: a fixed order, or a LASSO path to cut at an exact count."""
+
+    order: np.ndarray  # units, most important first
+    coefs: np.ndarray | None = None  # LASSO path (units x knots), None unless select=lasso applies
+
+
+@register_learner("chn-pruned")
+class ChnPrunedLearner(Learner):
+    """Channel pruning (AMC / He et al. 2017): LASSO channel selection + least-squares reconstruction"""
+
+    Config = ChnConfig
+    section = "chn"
+    policy_name = "preserve ratio"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        c = self.config
+        if c.channel_round < 1:
+            raise UserError(f"--channel-round must be at least 1, got {c.channel_round}")
+        if c.calib_batches < 1 or c.points_per_layer < 1:
+            raise UserError(f"--calib-batches and --cp-points must be at least 1, got {c.calib_batches} and "
+                            f"{c.points_per_layer}")
+        if not 0 < c.low <= c.high <= 1:
+            raise UserError(f"need 0 < --cp-low <= --cp-high <= 1, got {c.low} and {c.high}")
+        self.info: GraphInfo | None = None
+        self.cost: CostModel | None = None
+        self._calib: dict[str, _Calib] = {}
+        self._selectors: list[_Selector] = []
+        self._input_shape: list[int] = []
+
+    # -- prepare: graph, costs and calibration, once --------------------------------------------
+    def prepare(self, model: nn.Module, data: DataBundle) -> None:
+        """Find the channel groups, build the exact cost model and extract calibration statistics."""
+        super().prepare(model, data)
+        c = self.config
+        example = example_input(data)
+        self._input_shape = list(example.shape)
+        self.info = find_channel_groups(model, example, coupled=c.coupled)
+        self.cost = CostModel(self.info, round_to=c.channel_round)
+        need = set()
+        for g in self.info.groups:
+            if c.reconstruct or (c.select == "lasso" and not g.coupled):
+                need.update(g.consumers)
+        self._calib = self._calibrate(model, sorted(need)) if need else {}
+        self._selectors = [self._make_selector(model, i, g) for i, g in enumerate(self.info.groups)]
+
+    def _calibration_inputs(self) -> Iterator[Tensor]:
+        assert self.data is not None
+        bs, nb = self.train_cfg.batch_size, self.config.calib_batches
+        train = self.data.train
+        if hasattr(train, "x"):
+            idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed + 4242))[: nb * bs]
+            for i in range(0, len(idx), bs):
+                yield train.x[idx[i : i + bs]]
+            return
+        for i, (x, _) in enumerate(self.data.loader("train", batch_size=bs, train=True, seed=self.seed)):
+            if i >= nb:
+                break
+            yield x
+
+    def _calibrate(self, model: nn.Module, consumers: list[str]) -> dict[str, _Calib]:
+        net = copy.deepcopy(model).to(self.device).eval()
+        mods = dict(net.named_modules())
+        points = self.config.points_per_layer
+        gen = torch.Generator().manual_seed(self.seed + 99)
+        acc: dict[str, list[Any]] = {}
+        handles = []
+
+        def hook(name: str) -> Any:
+            def fn(mod: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+                rows = sample_rows(mod, inputs[0].detach(), out, points=points, gen=gen).float()
+                a = acc.setdefault(name, [torch.zeros(rows.shape[1], rows.shape[1], device=rows.device), 0])
+                a[0].addmm_(rows.T, rows)
+                a[1] += rows.shape[0]
+            return fn
+
+        for name in consumers:
+            m = mods[name]
+            d = (m.in_channels * int(np.prod(m.kernel_size))) if isinstance(m, nn.Conv2d) else m.in_features
+            if d <= _MAX_GRAM_DIM:
+                handles.append(m.register_forward_hook(hook(name)))
+        try:
+            with torch.no_grad():
+                for x in self._calibration_inputs():
+                    net(x.to(self.device))
+        finally:
+            for h in handles:
+                h.remove()
+        out: dict[str, _Calib] = {}
+        for name, (g, n) in acc.items():
+            m = mods[name]
+            gram = (g / max(n, 1)).cpu()
+            w = m.weight.detach().double().cpu().flatten(1)
+            kk = int(np.prod(m.kernel_size)) if isinstance(m, nn.Conv2d) else 1
+            out[name] = _Calib(gram, gram.double() @ w.T, w, kk, n)
+        return out
+
+    # -- selection ------------------------------------------------------------------------------
+    def _make_selector(self, model: nn.Module, index: int, g: ChannelGroup) -> _Selector:
+        c = self.config
+        if c.select == "random":
+            rng = np.random.default_rng([self.seed, index])
+            return _Selector(rng.permutation(g.units))
+        use_lasso = c.select == "lasso" and not g.coupled and all(n in self._calib for n in g.consumers)
+        if not use_lasso:
+            return _Selector(np.argsort(-self._l1_scores(model, g, everything=g.coupled), kind="stable"))
+        zz = np.zeros((g.units, g.units))
+        rows = 0
+        for name in g.consumers:
+            z = self._contribution_gram(g, name)
+            zz += z / max(float(z.sum()), 1e-30)
+            rows += self._calib[name].rows * self._calib[name].weight.shape[0]
+        coefs = lasso_path(zz, n_samples=max(rows, 1))
+        entry = np.argmax(coefs != 0, axis=1).astype(float)
+        entry[~(coefs != 0).any(axis=1)] = np.inf
+        order = np.lexsort((-np.abs(coefs[:, -1]), entry))
+        return _Selector(order, coefs)
+
+    def _contribution_gram(self, g: ChannelGroup, consumer: str) -> np.ndarray:
+        """Z^T Z of the per-unit output contributions Z_u = W_u x_u (He et al.'s LASSO design), from E[x x^T]."""
+        cal = self._calib[consumer]
+        unit_of = torch.full((cal.gram.shape[0],), -1, dtype=torch.long)
+        for u, chans in enumerate(g.consumer_member(consumer).unit_idxs):
+            for ch in chans:
+                unit_of[ch * cal.kk : (ch + 1) * cal.kk] = u
+        valid = unit_of >= 0
+        m = cal.gram.double() * (cal.weight.T @ cal.weight)  # sum_o (W_o x)(W_o x)^T per feature pair
+        m = m[valid][:, valid]
+        uv = unit_of[valid]
+        r = torch.zeros(m.shape[0], g.units, dtype=m.dtype).index_add_(1, uv, m)
+        return torch.zeros(g.units, g.units, dtype=m.dtype).index_add_(0, uv, r).numpy()
+
+    def _l1_scores(self, model: nn.Module, g: ChannelGroup, *, everything: bool) -> np.ndarray:
+        """Consumers' input-weight L1 per unit (AMC); with ``everything``, every coupled layer's (group L1)."""
+        mods = dict(model.named_modules())
+        score = np.zeros(g.units)
+        for m in g.members:
+            consumer = m.handler in ("prune_conv_in_channels", "prune_linear_in_channels")
+            if not (consumer or everything) or m.handler == "prune_batchnorm_out_channels":
+                continue
+            w = mods[m.module].weight.detach().abs().cpu().double()
+            per = (w.sum(dim=[d for d in range(w.dim()) if d != (1 if consumer else 0)]))
+            s = np.array([float(per[ix].sum()) if ix else 0.0 for ix in m.unit_idxs])
+            score += s / max(s[s > 0].mean() if (s > 0).any() else 1.0, 1e-30)
+        return score
+
+    def _keep(self, index: int, per_class: list[int]) -> list[int]:
+        g, sel = self.info.groups[index], self._selectors[index]
+        k = sum(per_class)
+        if sel.coefs is not None and len(g.classes) == 1:
+            nnz = (sel.coefs != 0).sum(axis=0)
+            exact = np.flatnonzero(nnz == k)
+            if exact.size:  # the largest penalty leaving exactly k channels
+                return sorted(np.flatnonzero(sel.coefs[:, exact[0]]).tolist())
+        keep: list[int] = []
+        for units, kc in zip(g.classes, per_class):
+            members = set(units)
+            keep += [int(u) for u in sel.order if u in members][:kc]
+        return sorted(keep)
+
+    # -- the contract ---------------------------------------------------------------------------
+    def _prepared(self, model: nn.Module) -> tuple[GraphInfo, CostModel]:
+        if self.info is None or self.cost is None:
+            raise RuntimeError("chn-pruned: call prepare(model, data) before search_space() / compress()")
+        names = {n for n, _ in model.named_modules()}
+        missing = [n for g in self.info.groups for n in g.consumers if n not in names]
+        if missing:
+            raise UserError(f"chn-pruned was prepared on another model (no layer {missing[0]!r} here)")
+        return self.info, self.cost
+
+    def search_space(self, model: nn.Module, target: float, *, fill: bool = True) -> SearchSpace:
+        """One layer per prunable channel group; the Budget's cost is the pruned model's exact resource.
+
+        ``fill=False`` gives the accuracy-guaranteed protocol (the Budget only lowers
+        policies that are over the target).
+        """
+        info, cost = self._prepared(model)
+        c, res = self.config, self.config.resource
+        if not info.groups:
+            why = "; ".join(f"{k}: {v}" for k, v in list(info.skipped.items())[:4])
+            raise UserError(f"chn-pruned found no prunable channels in this model ({why})")
+        mods = dict(model.named_modules())
+        full_flops = cost.layer_costs([1.0] * len(info.groups), "flops")
+        layers = []
+        for i, g in enumerate(info.groups):
+            geom = info.layers[g.name]
+            layers.append(LayerSpec(
+                name=g.name, kind=g.kind, in_channels=g.units, out_channels=geom.out0, stride=geom.stride,
+                kernel=geom.kernel[0], params=int(sum(p.numel() for n in g.consumers for p in mods[n].parameters())),
+                flops=int(full_flops[i]), low=c.low, high=c.high,
+            ))
+        budget = Budget(
+            cost_fn=lambda p: cost.cost(p, res), full=cost.cost([1.0] * len(layers), res), target=target,
+            lows=[c.low] * len(layers), highs=[c.high] * len(layers),
+            layer_cost_fn=lambda p: cost.layer_costs(p, res), fill=fill, unit=res,
+        )
+        return SearchSpace(layers, budget, meta={"resource": res, "skipped": dict(info.skipped),
+                                                 "policy": "preserve ratio of each layer's input channels"})
+
+    def compress(self, model: nn.Module, policy: Policy) -> nn.Module:
+        """A pruned copy of ``model``: selection, reconstruction, then the cut (``model`` is untouched)."""
+        info, cost = self._prepared(model)
+        counts = cost.counts(policy)
+        new = copy.deepcopy(model)
+        mods = dict(new.named_modules())
+        ops: list[list[Any]] = []
+        q = 0
+        for i, g in enumerate(info.groups):
+            per_class = [int(v) for v in counts[q : q + len(g.classes)]]
+            q += len(g.classes)
+            if sum(per_class) >= g.units:
+                continue
+            keep = set(self._keep(i, per_class))
+            removed = [u for u in range(g.units) if u not in keep]
+            if self.config.reconstruct:
+                for name in g.consumers:
+                    if name in self._calib:
+                        self._reconstruct(mods[name], g, name, removed)
+            ops += [[n, h, idx] for n, h, idx in g.ops(removed)]
+        apply_ops(new, ops)
+        setattr(new, ARCH_ATTR, {"version": 1, "input_shape": list(self._input_shape), "ops": ops})
+        return new
+
+    def _reconstruct(self, module: nn.Module, g: ChannelGroup, name: str, removed: list[int]) -> None:
+        """Least squares: the consumer's weights on its kept inputs that best reproduce its original output."""
+        cal = self._calib[name]
+        gone = {ch for u in removed for ch in g.consumer_member(name).unit_idxs[u]}
+        n_in = cal.gram.shape[0] // cal.kk
+        kept_ch = torch.tensor([ch for ch in range(n_in) if ch not in gone], dtype=torch.long)
+        cols = (kept_ch[:, None] * cal.kk + torch.arange(cal.kk)).reshape(-1)
+        a = cal.gram[cols][:, cols].double()
+        w0 = cal.weight[:, cols]
+        lam = _RIDGE * float(a.diagonal().mean()) + 1e-12
+        a.diagonal().add_(lam)
+        rhs = cal.gw[cols] + lam * w0.T
+        try:
+            sol = torch.cholesky_solve(rhs, torch.linalg.cholesky(a))
+        except RuntimeError:
+            sol = torch.linalg.lstsq(a, rhs).solution
+        w = cal.weight.clone()
+        w[:, cols] = sol.T
+        with torch.no_grad():
+            module.weight.copy_(w.reshape(module.weight.shape).to(module.weight))
+
+    def arch_state(self, model: nn.Module) -> dict[str, Any]:
+        """The cuts as plain data: ``{"version", "input_shape", "ops": [[module, function, removed], ...]}``."""
+        arch = getattr(model, ARCH_ATTR, None)
+        if arch is None:
+            return {"version": 1, "input_shape": list(self._input_shape), "ops": []}
+        return copy.deepcopy(arch)
+
+    @classmethod
+    def rebuild(cls, model: nn.Module, arch: dict[str, Any]) -> nn.Module:
+        """Replay the recorded cuts on a freshly built, uncompressed ``model`` (same architecture as pruned)."""
+        if not arch:
+            return model
+        if arch.get("version") != 1:
+            raise UserError(f"unsupported chn-pruned record version {arch.get('version')!r} (expected 1)")
+        apply_ops(model, arch.get("ops", []))
+        shape = arch.get("input_shape")
+        if shape and arch.get("ops"):
+            was = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    p = next(model.parameters(), None)
+                    model(torch.zeros([1, *shape[1:]], device=p.device if p is not None else "cpu"))
+            except RuntimeError as e:
+                raise UserError(f"the recorded channel pruning does not fit this network: {str(e)[:200]}") from None
+            finally:
+                model.train(was)
+        setattr(model, ARCH_ATTR, copy.deepcopy(arch))
+        return model
+
+
+# -- numerics -------------------------------------------------------------------------------------
+
+
+def sample_rows(mod: nn.Module, x: Tensor, out: Tensor, *, points: int, gen: torch.Generator) -> Tensor:
+    """The layer's input at ``points`` random output positions per sample, as rows matching ``weight.flatten(1)``.
+
+    Conv2d: the receptive-field patch (channels x kernel, padding included) behind each
+    sampled output position. Linear: sampled tokens (one row per sample for 2-D input).
+    """
+    b = x.shape[0]
+    if isinstance(mod, nn.Linear):
+        x2 = x.reshape(b, -1, x.shape[-1])
+        t = x2.shape[1]
+        if t <= points:
+            return x2.reshape(-1, x.shape[-1])
+        idx = torch.rand(b, t, generator=gen).argsort(1)[:, :points].to(x.device)
+        return x2[torch.arange(b, device=x.device)[:, None], idx].reshape(-1, x.shape[-1])
+    assert isinstance(mod, nn.Conv2d)
+    ho, wo = out.shape[-2:]
+    n_pos = ho * wo
+    p = min(points, n_pos)
+    pos = torch.rand(b, n_pos, generator=gen).argsort(1)[:, :p].to(x.device)
+    (sh, sw), (dh, dw), (kh, kw) = mod.stride, mod.dilation, mod.kernel_size
+    h, w = pos // wo * sh, pos % wo * sw
+    mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
+    xp = F.pad(x, mod._reversed_padding_repeated_twice, mode=mode)
+    bi = torch.arange(b, device=x.device)[:, None]
+    cols = [xp[bi, :, h + i * dh, w + j * dw] for i in range(kh) for j in range(kw)]  # each B x P x C
+    return torch.stack(cols, -1).reshape(b * p, -1)
+
+
+def lasso_path(gram: np.ndarray, *, n_samples: int) -> np.ndarray:
+    """The LASSO path of ``y = Z 1`` over the columns of Z, from ``Z^T Z`` alone (coefs: units x knots)."""
+    from sklearn.linear_model import lars_path_gram
+
+    scale = float(np.trace(gram)) / len(gram) or 1.0
+    zz = gram / scale
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, _, coefs = lars_path_gram(Xy=zz.sum(1), Gram=zz, n_samples=n_samples, method="lasso",
+                                     max_iter=8 * len(zz) + 10)
+    return np.asarray(coefs)
