@@ -6,7 +6,7 @@ training epoch's steps through the real loader vs the same number of bare
 forward/backward steps on the same, pre-fetched batches; median of repeats).
 Writes the checkpoint that the default preset and the other benchmarks use.
 
-    python benchmarks/baseline.py --epochs 15 --out benchmarks/resnet20-fashion-mnist.pt
+    python benchmarks/baseline.py --epochs 12 --threads 1 --out benchmarks/resnet20-fashion-mnist.pt
 """
 
 from __future__ import annotations
@@ -61,21 +61,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--net", default="resnet20")
     ap.add_argument("--dataset", default="fashion-mnist")
-    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/resnet20-fashion-mnist.pt")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--ratio-only", action="store_true", help="only measure the input-pipeline ratio")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     seed_everything(args.seed)
     data = load_dataset(args.dataset, seed=0)
     print(data.sizes(), flush=True)
     model = create_net(args.net, in_channels=data.in_channels, num_classes=data.num_classes)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
-    ratio = pipeline_ratio(model, data, cfg)
+    ratio = pipeline_ratio(model, data, cfg, repeats=1 if not args.ratio_only else 3)
     print(f"input-pipeline ratio (loader steps / bare steps, median of 3): {ratio:.3f}", flush=True)
+    if args.ratio_only:
+        return
     dev = torch.device("cpu")
     start = time.perf_counter()
     history = fit(model, data.loader("train", batch_size=cfg.batch_size, train=True, seed=args.seed),

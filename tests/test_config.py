@@ -127,21 +127,17 @@ def test_load_yaml_non_mapping(tmp_path: Path, text: str) -> None:
         load_yaml(_write(tmp_path, text))
 
 
-@pytest.mark.xfail(strict=True, reason="config.py bug: `yaml.safe_load(...) or {}` turns [] / 0 / false into {}")
 @pytest.mark.parametrize("text", ["[]\n", "0\n", "false\n"])
 def test_load_yaml_falsy_non_mapping(tmp_path: Path, text: str) -> None:
     with pytest.raises(UserError, match="expected a mapping of sections"):
         load_yaml(_write(tmp_path, text))
 
 
-@pytest.mark.xfail(strict=True, reason="config.py bug: a non-UTF-8 file raises UnicodeDecodeError, not UserError")
 def test_load_yaml_binary_file(tmp_path: Path) -> None:
     with pytest.raises(UserError):
         load_yaml(_write(tmp_path, b"\xff\xfe\x00\x81 not text"))
 
 
-@pytest.mark.xfail(strict=True, reason="config.py bug: PyYAML (YAML 1.1) reads 1e-3 as a string, so lr: 1e-3 is "
-                   "rejected; coerce() should accept float-parsable strings for float fields")
 def test_scientific_notation_is_a_float(tmp_path: Path, defaults: dict[str, dict[str, Any]]) -> None:
     out = merge(defaults, load_yaml(_write(tmp_path, "train:\n  lr: 1e-3\n")), "preset")
     assert out["train"]["lr"] == pytest.approx(0.001)
@@ -169,7 +165,9 @@ def test_validate_accepts_targets_in_unit_interval(defaults: dict[str, dict[str,
     validate(_with(defaults, "run", "target", target))
 
 
-@pytest.mark.parametrize(("section", "key"), [("train", "epochs"), ("search", "retrain_epochs"), ("search", "ft_steps")])
+@pytest.mark.parametrize(
+    ("section", "key"), [("train", "epochs"), ("search", "retrain_epochs"), ("search", "ft_steps")]
+)
 def test_validate_rejects_negative_counts(defaults: dict[str, dict[str, Any]], section: str, key: str) -> None:
     with pytest.raises(UserError, match=rf"{section}\.{key} must not be negative, got -1"):
         validate(_with(defaults, section, key, -1))

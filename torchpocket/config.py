@@ -100,6 +100,11 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -117,11 +122,15 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     if not p.is_file():
         raise UserError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text())
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text: {e.reason} at byte {e.start}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise UserError(f"config file {path} does not parse as YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
         raise UserError(f"config file {path}: expected a mapping of sections, got {type(data).__name__}")
     return data
@@ -132,6 +141,8 @@ def merge(base: dict[str, dict[str, Any]], override: dict[str, Any], source: str
     sections = _all_sections()
     out = {k: dict(v) for k, v in base.items()}
     for section, values in override.items():
+        if values is None:  # a section whose keys are all commented out
+            values = {}
         if section not in sections:
             raise UserError(f"{source}: unknown section {section!r}; valid sections: {', '.join(sections)}")
         if not isinstance(values, dict):

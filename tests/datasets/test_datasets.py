@@ -134,8 +134,8 @@ def test_missing_idx_files_name_every_place_tried(tmp_path: Path, monkeypatch: p
 )
 def test_corrupt_idx_file_is_a_user_error(tmp_path: Path, corrupt: Any) -> None:
     arrays = _make_idx_dir(tmp_path)
-    _path = tmp_path / FILES["train_x"]
-    _path.write_bytes(gzip.compress(corrupt(_idx_bytes(arrays["train_x"]))))
+    path = tmp_path / FILES["train_x"]
+    path.write_bytes(gzip.compress(corrupt(_idx_bytes(arrays["train_x"]))))
     with pytest.raises(UserError, match=FILES["train_x"]):
         load_dataset("fashion-mnist", data_dir=str(tmp_path), val_size=5)
 
@@ -232,6 +232,12 @@ def test_cifar10_files_directly_in_data_dir(tmp_path: Path) -> None:
     assert (len(data.train), len(data.val), len(data.test)) == (20, 0, 6)
 
 
+def test_cifar10_from_the_cache_without_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHPOCKET_CACHE", str(tmp_path))
+    _make_cifar10(tmp_path / "data")
+    assert len(load_dataset("cifar10", val_size=4).train) == 16
+
+
 def test_cifar_pickle_with_unexpected_global_is_refused(tmp_path: Path) -> None:
     _make_cifar10(tmp_path)
 
@@ -272,7 +278,8 @@ def test_cifar_missing_without_network_is_a_user_error(tmp_path: Path, monkeypat
         raise RuntimeError("network disabled in tests")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", no_download)
-    with pytest.raises(UserError, match=r"cifar10 not found under .*cifar-10-batches-py/ with data_batch_1.*test_batch"):
+    expected = r"cifar10 not found under .*cifar-10-batches-py/ with data_batch_1.*test_batch"
+    with pytest.raises(UserError, match=expected):
         load_dataset("cifar10", data_dir=str(tmp_path), val_size=5)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ def _check_labels(y: np.ndarray, classes: int, where: Path) -> None:
 
 def find_cifar_dir(name: str, data_dir: str | None) -> Path:
     folder, train_files, test_files, _, _ = LAYOUT[name]
-    root = Path(data_dir) if data_dir else Path.home() / ".cache" / "torchpocket" / "data"
+    cache = Path(os.environ.get("TORCHPOCKET_CACHE", Path.home() / ".cache" / "torchpocket")) / "data"
+    root = Path(data_dir) if data_dir else cache  # the same cache as MNIST / Fashion-MNIST and the baselines
     for d in (root / folder, root):
         if all((d / f).is_file() for f in train_files + test_files):
             return d

@@ -167,10 +167,11 @@ class DDPG(Optimizer):
         self.np_rng = np.random.default_rng(self.seed)
         self.torch_rng = torch.Generator().manual_seed(self.seed)
 
-        self.actor, self.critic = Actor(N_FEATURES, cfg.hidden), Critic(N_FEATURES, cfg.hidden)
+        with torch.random.fork_rng(devices=[]):  # nn.Linear's own init draws from the global generator
+            self.actor, self.critic = Actor(N_FEATURES, cfg.hidden), Critic(N_FEATURES, cfg.hidden)
+            self.actor_target, self.critic_target = Actor(N_FEATURES, cfg.hidden), Critic(N_FEATURES, cfg.hidden)
         _init_linear(self.actor, self.torch_rng)
         _init_linear(self.critic, self.torch_rng)
-        self.actor_target, self.critic_target = Actor(N_FEATURES, cfg.hidden), Critic(N_FEATURES, cfg.hidden)
         self.actor_target.load_state_dict(self.actor.state_dict())
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.actor_optim = torch.optim.Adam(self.actor.parameters(), lr=cfg.lr_actor)

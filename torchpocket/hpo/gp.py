@@ -10,18 +10,54 @@ same proposals again.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from torchpocket.config import opt, register_section
 from torchpocket.errors import UserError
 from torchpocket.hpo import register_hpo
 from torchpocket.hpo.base import Optimizer
 from torchpocket.hpo.space import Policy, SearchSpace
 
 
+@dataclass
+class GPConfig:
+    """skopt's Gaussian-process optimizer (section ``gp``); defaults are skopt's."""
+
+    initial_points: int = opt(-1, "random points before the GP model is used "
+                                  "(-1 = skopt's 10, or a quarter of a shorter search, at least 2)",
+                              flag="--gp-initial-points")
+    acq_func: str = opt("gp_hedge", "acquisition function", flag="--gp-acq-func",
+                        choices=("gp_hedge", "EI", "PI", "LCB"))
+    acq_optimizer: str = opt("auto", "how the acquisition is maximised (auto = lbfgs for a GP; sampling is "
+                                     "several times faster per ask)", flag="--gp-acq-optimizer",
+                             choices=("auto", "lbfgs", "sampling"))
+    candidates: int = opt(10000, "random points scored by the acquisition per ask (skopt's n_points)",
+                          flag="--gp-candidates")
+
+
+register_section("gp", GPConfig)
+
+
 def initial_points(total_trials: int) -> int:
     """Random points before the GP is used: skopt's 10, fewer for short searches (a quarter, at least 2)."""
     return 10 if total_trials <= 0 else max(2, min(10, total_trials // 4))
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """Small GP matrices: several BLAS threads only contend (5-10x slower on a busy machine), and one thread
+    keeps the floating-point results the same from run to run."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1):
+        yield
 
 
 @register_hpo("gp")
@@ -30,8 +66,14 @@ class GPOptimizer(Optimizer):
 
     parallel: ClassVar[bool] = False
 
+    @classmethod
+    def default_config(cls) -> GPConfig:
+        return GPConfig()
+
     def __init__(self, space: SearchSpace, **kw: Any) -> None:
         super().__init__(space, **kw)
+        if isinstance(self.config, dict):
+            self.config = GPConfig(**self.config)
         try:
             import skopt
         except ImportError:
@@ -39,7 +81,8 @@ class GPOptimizer(Optimizer):
                             "(or pip install scikit-optimize)") from None
         lows, highs = space.lows, space.highs
         self.free = [i for i in range(len(space)) if highs[i] > lows[i]]
-        self.n_initial_points = initial_points(self.total_trials)
+        n0 = self.config.initial_points
+        self.n_initial_points = n0 if n0 > 0 else initial_points(self.total_trials)
         self._skopt = skopt
         self.opt = self._new_skopt()
         self.journal: list[list[Any]] = []  # [] for an ask, [x, y] for a tell: replayed on resume
@@ -51,14 +94,20 @@ class GPOptimizer(Optimizer):
             return None
         return self._skopt.Optimizer(
             dimensions=[(float(lows[i]), float(highs[i])) for i in self.free], base_estimator="GP",
-            n_initial_points=self.n_initial_points, random_state=self.seed)
+            n_initial_points=self.n_initial_points, random_state=self.seed,
+            acq_func=self.config.acq_func, acq_optimizer=self.config.acq_optimizer,
+            acq_optimizer_kwargs={"n_points": self.config.candidates})
 
     def _ask_x(self) -> list[float]:
-        return [] if self.opt is None else [float(v) for v in self.opt.ask()]
+        if self.opt is None:
+            return []
+        with one_blas_thread():
+            return [float(v) for v in self.opt.ask()]
 
     def _tell_x(self, x: list[float], y: float) -> None:
         if self.opt is not None:
-            self.opt.tell(list(x), y)
+            with one_blas_thread():
+                self.opt.tell(list(x), y)
 
     def ask(self) -> Policy:
         x = self._ask_x()

@@ -22,6 +22,7 @@ import optuna
 from torchpocket.errors import UserError
 from torchpocket.hpo import register_hpo
 from torchpocket.hpo.base import Optimizer
+from torchpocket.hpo.gp import one_blas_thread
 from torchpocket.hpo.space import Policy, SearchSpace
 
 DEFAULT_STUDY_NAME = "torchpocket"
@@ -56,9 +57,10 @@ class OptunaOptimizer(Optimizer):
                             f"{type(e).__name__}: {detail}") from None
 
     def _ask_trial(self) -> tuple[Policy, int]:
-        trial = self.study.ask()
         lows, highs = self.space.lows, self.space.highs
-        x = [trial.suggest_float(name, float(lo), float(hi)) for name, lo, hi in zip(self.space.names, lows, highs)]
+        with one_blas_thread():
+            trial = self.study.ask()
+            x = [trial.suggest_float(name, float(lo), float(hi)) for name, lo, hi in zip(self.space.names, lows, highs)]
         return self.space.budget.project(x), trial.number
 
     def _tell_trial(self, number: int, value: float | None) -> None:

@@ -20,9 +20,10 @@ Torch-Pruning's pruning functions, on a candidate or on a freshly built network.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -68,10 +69,6 @@ class Member:
     handler: str
     unit_idxs: list[list[int]]
 
-    @property
-    def size(self) -> int:
-        return sum(len(ix) for ix in self.unit_idxs)
-
 
 @dataclass
 class ChannelGroup:
@@ -85,12 +82,6 @@ class ChannelGroup:
     coupled: bool  # tied by an element-wise op with several inputs (residual addition, gating)
     depthwise: bool  # the channels flow through a depthwise conv
     kind: str = "conv"  # LayerSpec kind: linear (a Linear consumer), dwconv (through a depthwise conv), conv
-
-    def member(self, module: str, handler: str) -> Member:
-        for m in self.members:
-            if m.module == module and m.handler == handler:
-                return m
-        raise KeyError((module, handler))
 
     def consumer_member(self, consumer: str) -> Member:
         return next(m for m in self.members if m.module == consumer and m.handler in _IN_HANDLERS)
@@ -120,7 +111,6 @@ class LayerGeom:
     groups: int = 1
     bias: bool = False
     positions: int = 0  # output positions per sample, summed over calls (conv: H*W, linear: tokens)
-    params: int = 0
 
     @property
     def kk(self) -> int:
@@ -137,7 +127,6 @@ class GraphInfo:
     input_shape: list[int]
     total_flops: float  # torch.utils.flop_counter count of one sample (2 x MACs)
     total_params: int
-    notes: list[str] = field(default_factory=list)
 
 
 # -- analysis -------------------------------------------------------------------------------------
@@ -154,13 +143,11 @@ def _layer_geometry(model: nn.Module, example: Tensor) -> tuple[dict[str, LayerG
             else:
                 kind = "gconv"
             layers[name] = LayerGeom(name, kind, m.in_channels, m.out_channels, tuple(m.kernel_size), m.stride[0],
-                                     m.groups, m.bias is not None, params=sum(p.numel() for p in m.parameters(False)))
+                                     m.groups, m.bias is not None)
         elif isinstance(m, nn.Linear):
-            layers[name] = LayerGeom(name, "linear", m.in_features, m.out_features, bias=m.bias is not None,
-                                     params=sum(p.numel() for p in m.parameters(False)))
+            layers[name] = LayerGeom(name, "linear", m.in_features, m.out_features, bias=m.bias is not None)
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            layers[name] = LayerGeom(name, "bn", m.num_features, m.num_features, bias=m.affine,
-                                     params=sum(p.numel() for p in m.parameters(False)))
+            layers[name] = LayerGeom(name, "bn", m.num_features, m.num_features, bias=m.affine)
     handles = []
     mods = dict(model.named_modules())
 
@@ -270,7 +257,8 @@ def _analyse_group(graph: tp.DependencyGraph, module: nn.Module, names: dict[nn.
     g = ChannelGroup(root, consumers, members, units, list(sig.values()), coupled, depthwise, kind)
     # cross-check the unit mapping against the graph on a partial selection
     test_units = [u for u in range(units) if u % 3 == 0][: units - 1]
-    roots_sel = [r for r in range(n_in) if unit_of_root[r] in set(test_units)]
+    chosen = set(test_units)
+    roots_sel = [r for r in range(n_in) if unit_of_root[r] in chosen]
     check = graph.get_pruning_group(module, in_fn, roots_sel)
     got: dict[tuple[str, str], set[int]] = {}
     for item in check.items:
@@ -291,16 +279,18 @@ def find_channel_groups(model: nn.Module, example: Tensor, *, coupled: str = "sk
     alone; ``'prune'`` keeps those groups (their channels are then pruned together).
     The first conv's input (the image) and the final classifier's outputs never appear.
     """
-    import copy
-
     if coupled not in ("skip", "prune"):
         raise UserError(f"coupled must be 'skip' or 'prune', got {coupled!r}")
     net = copy.deepcopy(model).cpu().eval()
     example = example[:1].detach().cpu()
     layers, total_flops = _layer_geometry(net, example)
     names = {m: n for n, m in net.named_modules()}
-    with torch.enable_grad():
-        graph = tp.DependencyGraph().build_dependency(net, example_inputs=example, verbose=False)
+    try:
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(net, example_inputs=example, verbose=False)
+    except Exception as e:  # noqa: BLE001 - any tracing failure means: no channel pruning for this model
+        raise UserError(f"Torch-Pruning cannot trace the channel dependencies of this model "
+                        f"({type(e).__name__}: {str(e)[:160]}); channel pruning does not support it") from None
     groups: list[ChannelGroup] = []
     skipped: dict[str, str] = {}
     owner: dict[tuple[str, str], str] = {}
@@ -419,7 +409,6 @@ class CostModel:
         self.in0, self.out0 = np.asarray(in0, float), np.asarray(out0, float)
         self.fa, self.pa, self.pb = np.asarray(fa), np.asarray(pa), np.asarray(pb)
         self.owner = np.asarray(own, np.int64)
-        self.module_names = [lay.name for lay in mods]
         full_counts = self.class_size.copy()
         f_mod, p_mod = self._per_module(full_counts)
         self.flops_const = max(0.0, info.total_flops - float(f_mod.sum()))
@@ -430,8 +419,13 @@ class CostModel:
         return len(self.info.groups)
 
     def counts(self, policy: Sequence[float]) -> np.ndarray:
-        """Units kept per class for a policy (one preserve ratio per group)."""
-        p = np.asarray(policy, float)
+        """Units kept per class for a policy (one preserve ratio per group).
+
+        Ratios are read at 1e-6 resolution: the Budget's projection settles right under a
+        rounding boundary, and a policy written with six decimals (trial logs, policy.yaml)
+        must still give the same architecture.
+        """
+        p = np.array([round(float(v), 6) for v in policy])  # Python's correctly rounded decimals, as when logged
         if p.shape != (self.n_groups,):
             raise ValueError(f"policy has {p.size} values, this model has {self.n_groups} prunable groups")
         return keep_counts(p[self.class_group], self.class_size, self.round_to)
@@ -461,14 +455,6 @@ class CostModel:
         v = f if resource == "flops" else p
         mask = self.owner >= 0
         return np.bincount(self.owner[mask], weights=v[mask], minlength=self.n_groups)
-
-    @property
-    def full_flops(self) -> float:
-        return self.info.total_flops if self.n_groups == 0 else self.cost([1.0] * self.n_groups, "flops")
-
-    @property
-    def full_params(self) -> float:
-        return float(self.info.total_params) if self.n_groups == 0 else self.cost([1.0] * self.n_groups, "params")
 
 
 # -- surgery ------------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ Neural Networks" (He et al. 2017), as in PocketFlow's ChannelPrunedLearner:
   matrix gives both LASSO's and least squares' sufficient statistics, so a candidate
   never touches data again;
 * channel selection (``select``): ``lasso`` solves He et al.'s LASSO over per-channel
-  output contributions ``Z_c = W_c x_c`` (``y ~ sum_c beta_c Z_c``) along its whole LARS
-  path once, and for k channels takes the support at the largest penalty where exactly
-  k coefficients are non-zero (the exact form of PocketFlow's bisection on the penalty);
+  output contributions ``Z_c = W_c x_c`` (``y ~ sum_c beta_c Z_c``) along its LARS path
+  (per group, computed once as far as needed and cached), and for k channels takes the
+  support at the largest penalty where exactly k coefficients are non-zero (the exact
+  form of PocketFlow's bisection on the penalty);
   ``l1`` ranks channels by the L1 norm of the consumer's weights on them (AMC);
   ``random`` is a seeded permutation. Channels tied by a residual addition are ranked by
   the L1 norm of every coupled layer's weights (group importance);
@@ -56,6 +57,7 @@ from torchpocket.learners.channel_graph import (
 ARCH_ATTR = "_torchpocket_chn_arch"  # the pruning record rides on the pruned module (survives deepcopy)
 _RIDGE = 1e-3  # least squares: pull toward the original weights, relative to the Gram matrix's mean diagonal
 _MAX_GRAM_DIM = 8192  # consumers with more input features (kernel x channels) get no calibration statistics
+_DOUBLE_DIM = 1024  # least squares in float64 up to this many unknowns per output, float32 above
 
 
 @dataclass
@@ -85,19 +87,75 @@ register_section("chn", ChnConfig)
 class _Calib:
     """Calibration statistics of one consumer layer (from the original model)."""
 
-    gram: Tensor  # D x D, E[x x^T] of sampled input patches (float32)
-    gw: Tensor  # D x O, E[x y^T] = gram @ W0^T (float64)
-    weight: Tensor  # O x D, original weights, flattened (float64)
+    gram: Tensor  # D x D, E[x x^T] of sampled input patches
+    gw: Tensor  # D x O, E[x y^T] = gram @ W0^T
+    weight: Tensor  # O x D, original weights, flattened (all float32: D can be thousands)
     kk: int  # features per input channel (kernel area; 1 for Linear)
     rows: int
 
 
-@dataclass
-class _Selector:
-    """How a group ranks its units: a fixed order, or a LASSO path to cut at an exact count."""
+class _LassoPath:
+    """He et al.'s LASSO for one group, ``y = sum_u beta_u Z_u`` with ``y = Z 1``, from ``Z^T Z`` alone.
 
-    order: np.ndarray  # units, most important first
-    coefs: np.ndarray | None = None  # LASSO path (units x knots), None unless select=lasso applies
+    The LARS path is computed lazily and only as far as a request needs (its prefix
+    does not depend on how far it is run), then cached for later candidates.
+    """
+
+    def __init__(self, zz: np.ndarray, n_samples: int) -> None:
+        scale = float(np.trace(zz)) / len(zz) or 1.0
+        self.zz = zz / scale
+        self.xy = self.zz.sum(1)
+        self.n_samples = n_samples
+        self.coefs = np.zeros((len(zz), 1))
+        self.done = False
+
+    def prefix(self, k: int) -> np.ndarray:
+        """The path (units x knots) up to the first knot with at least ``k`` non-zero coefficients."""
+        while not self.done and (self.coefs != 0).sum(0).max() < k:
+            self._extend(max(2 * self.coefs.shape[1], k + 8))
+        nnz = (self.coefs != 0).sum(0)
+        hit = np.flatnonzero(nnz >= k)
+        return self.coefs[:, : (hit[0] + 1 if hit.size else self.coefs.shape[1])]
+
+    def _extend(self, max_iter: int) -> None:
+        from sklearn.linear_model import lars_path_gram
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, _, coefs, n_iter = lars_path_gram(Xy=self.xy, Gram=self.zz, n_samples=self.n_samples,
+                                                 method="lasso", max_iter=max_iter, return_n_iter=True)
+        self.coefs = np.asarray(coefs)
+        self.done = n_iter < max_iter
+
+    def keep(self, classes: list[list[int]], per_class: list[int]) -> list[int]:
+        """Exactly ``per_class`` units of each class.
+
+        One class: the support at the largest penalty where exactly k coefficients are
+        non-zero (what bisecting the penalty converges to). Otherwise, or when no knot
+        has exactly k, units in the order they enter the path; units still outside it
+        follow by their correlation with the residual (the next ones LARS would add).
+        """
+        k = sum(per_class)
+        path = self.prefix(k)
+        nz = path != 0
+        if len(classes) == 1:
+            exact = np.flatnonzero(nz.sum(0) == k)
+            if exact.size:
+                return sorted(np.flatnonzero(nz[:, exact[0]]).tolist())
+        entered = nz.any(1)
+        entry = np.where(entered, np.argmax(nz, axis=1), path.shape[1]).astype(float)
+        corr = np.abs(self.xy - self.zz @ path[:, -1])
+        order = np.lexsort((-corr, entry))
+        return _take(order, classes, per_class)
+
+
+def _take(order: np.ndarray, classes: list[list[int]], per_class: list[int]) -> list[int]:
+    """The first ``per_class[i]`` units of ``order`` inside each class ``classes[i]``."""
+    keep: list[int] = []
+    for units, kc in zip(classes, per_class):
+        inside = set(units)
+        keep += [int(u) for u in order if u in inside][:kc]
+    return sorted(keep)
 
 
 @register_learner("chn-pruned")
@@ -121,7 +179,8 @@ class ChnPrunedLearner(Learner):
         self.info: GraphInfo | None = None
         self.cost: CostModel | None = None
         self._calib: dict[str, _Calib] = {}
-        self._selectors: list[_Selector] = []
+        self._orders: dict[int, np.ndarray] = {}  # l1 / random rankings, per group
+        self._lasso: dict[int, _LassoPath] = {}  # built on first use
         self._input_shape: list[int] = []
 
     # -- prepare: graph, costs and calibration, once --------------------------------------------
@@ -138,7 +197,12 @@ class ChnPrunedLearner(Learner):
             if c.reconstruct or (c.select == "lasso" and not g.coupled):
                 need.update(g.consumers)
         self._calib = self._calibrate(model, sorted(need)) if need else {}
-        self._selectors = [self._make_selector(model, i, g) for i, g in enumerate(self.info.groups)]
+        self._orders, self._lasso = {}, {}
+        for i, g in enumerate(self.info.groups):
+            if c.select == "random":
+                self._orders[i] = np.random.default_rng([self.seed, i]).permutation(g.units)
+            elif not self._uses_lasso(g):
+                self._orders[i] = np.argsort(-self._l1_scores(model, g, everything=g.coupled), kind="stable")
 
     def _calibration_inputs(self) -> Iterator[Tensor]:
         assert self.data is not None
@@ -186,31 +250,26 @@ class ChnPrunedLearner(Learner):
         for name, (g, n) in acc.items():
             m = mods[name]
             gram = (g / max(n, 1)).cpu()
-            w = m.weight.detach().double().cpu().flatten(1)
+            w = m.weight.detach().float().cpu().flatten(1)
             kk = int(np.prod(m.kernel_size)) if isinstance(m, nn.Conv2d) else 1
-            out[name] = _Calib(gram, gram.double() @ w.T, w, kk, n)
+            out[name] = _Calib(gram, gram @ w.T, w, kk, n)
         return out
 
     # -- selection ------------------------------------------------------------------------------
-    def _make_selector(self, model: nn.Module, index: int, g: ChannelGroup) -> _Selector:
-        c = self.config
-        if c.select == "random":
-            rng = np.random.default_rng([self.seed, index])
-            return _Selector(rng.permutation(g.units))
-        use_lasso = c.select == "lasso" and not g.coupled and all(n in self._calib for n in g.consumers)
-        if not use_lasso:
-            return _Selector(np.argsort(-self._l1_scores(model, g, everything=g.coupled), kind="stable"))
-        zz = np.zeros((g.units, g.units))
-        rows = 0
-        for name in g.consumers:
-            z = self._contribution_gram(g, name)
-            zz += z / max(float(z.sum()), 1e-30)
-            rows += self._calib[name].rows * self._calib[name].weight.shape[0]
-        coefs = lasso_path(zz, n_samples=max(rows, 1))
-        entry = np.argmax(coefs != 0, axis=1).astype(float)
-        entry[~(coefs != 0).any(axis=1)] = np.inf
-        order = np.lexsort((-np.abs(coefs[:, -1]), entry))
-        return _Selector(order, coefs)
+    def _uses_lasso(self, g: ChannelGroup) -> bool:
+        return self.config.select == "lasso" and not g.coupled and all(n in self._calib for n in g.consumers)
+
+    def _lasso_path(self, index: int) -> _LassoPath:
+        if index not in self._lasso:
+            g = self.info.groups[index]
+            zz = np.zeros((g.units, g.units))
+            rows = 0
+            for name in g.consumers:  # every consumer's output counts equally
+                z = self._contribution_gram(g, name)
+                zz += z / max(float(z.sum()), 1e-30)
+                rows += self._calib[name].rows * self._calib[name].weight.shape[0]
+            self._lasso[index] = _LassoPath(zz, max(rows, 1))
+        return self._lasso[index]
 
     def _contribution_gram(self, g: ChannelGroup, consumer: str) -> np.ndarray:
         """Z^T Z of the per-unit output contributions Z_u = W_u x_u (He et al.'s LASSO design), from E[x x^T]."""
@@ -219,12 +278,14 @@ class ChnPrunedLearner(Learner):
         for u, chans in enumerate(g.consumer_member(consumer).unit_idxs):
             for ch in chans:
                 unit_of[ch * cal.kk : (ch + 1) * cal.kk] = u
+        m = cal.weight.T @ cal.weight
+        m.mul_(cal.gram)  # sum_o (W_o x)(W_o x)^T per feature pair
         valid = unit_of >= 0
-        m = cal.gram.double() * (cal.weight.T @ cal.weight)  # sum_o (W_o x)(W_o x)^T per feature pair
-        m = m[valid][:, valid]
+        if not bool(valid.all()):
+            m = m[valid][:, valid]
         uv = unit_of[valid]
-        r = torch.zeros(m.shape[0], g.units, dtype=m.dtype).index_add_(1, uv, m)
-        return torch.zeros(g.units, g.units, dtype=m.dtype).index_add_(0, uv, r).numpy()
+        r = torch.zeros(m.shape[0], g.units).index_add_(1, uv, m)
+        return torch.zeros(g.units, g.units, dtype=torch.float64).index_add_(0, uv, r.double()).numpy()
 
     def _l1_scores(self, model: nn.Module, g: ChannelGroup, *, everything: bool) -> np.ndarray:
         """Consumers' input-weight L1 per unit (AMC); with ``everything``, every coupled layer's (group L1)."""
@@ -241,18 +302,10 @@ class ChnPrunedLearner(Learner):
         return score
 
     def _keep(self, index: int, per_class: list[int]) -> list[int]:
-        g, sel = self.info.groups[index], self._selectors[index]
-        k = sum(per_class)
-        if sel.coefs is not None and len(g.classes) == 1:
-            nnz = (sel.coefs != 0).sum(axis=0)
-            exact = np.flatnonzero(nnz == k)
-            if exact.size:  # the largest penalty leaving exactly k channels
-                return sorted(np.flatnonzero(sel.coefs[:, exact[0]]).tolist())
-        keep: list[int] = []
-        for units, kc in zip(g.classes, per_class):
-            members = set(units)
-            keep += [int(u) for u in sel.order if u in members][:kc]
-        return sorted(keep)
+        g = self.info.groups[index]
+        if index in self._orders:
+            return _take(self._orders[index], g.classes, per_class)
+        return self._lasso_path(index).keep(g.classes, per_class)
 
     # -- the contract ---------------------------------------------------------------------------
     def _prepared(self, model: nn.Module) -> tuple[GraphInfo, CostModel]:
@@ -324,17 +377,15 @@ class ChnPrunedLearner(Learner):
         n_in = cal.gram.shape[0] // cal.kk
         kept_ch = torch.tensor([ch for ch in range(n_in) if ch not in gone], dtype=torch.long)
         cols = (kept_ch[:, None] * cal.kk + torch.arange(cal.kk)).reshape(-1)
-        a = cal.gram[cols][:, cols].double()
-        w0 = cal.weight[:, cols]
+        dtype = torch.float64 if len(cols) <= _DOUBLE_DIM else torch.float32
+        a = cal.gram[cols][:, cols].to(dtype)
         lam = _RIDGE * float(a.diagonal().mean()) + 1e-12
         a.diagonal().add_(lam)
-        rhs = cal.gw[cols] + lam * w0.T
-        try:
-            sol = torch.cholesky_solve(rhs, torch.linalg.cholesky(a))
-        except RuntimeError:
-            sol = torch.linalg.lstsq(a, rhs).solution
+        rhs = cal.gw[cols].to(dtype) + lam * cal.weight[:, cols].T.to(dtype)
+        chol, info = torch.linalg.cholesky_ex(a)
+        sol = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.lstsq(a, rhs).solution
         w = cal.weight.clone()
-        w[:, cols] = sol.T
+        w[:, cols] = sol.T.float()
         with torch.no_grad():
             module.weight.copy_(w.reshape(module.weight.shape).to(module.weight))
 
@@ -398,16 +449,3 @@ def sample_rows(mod: nn.Module, x: Tensor, out: Tensor, *, points: int, gen: tor
     bi = torch.arange(b, device=x.device)[:, None]
     cols = [xp[bi, :, h + i * dh, w + j * dw] for i in range(kh) for j in range(kw)]  # each B x P x C
     return torch.stack(cols, -1).reshape(b * p, -1)
-
-
-def lasso_path(gram: np.ndarray, *, n_samples: int) -> np.ndarray:
-    """The LASSO path of ``y = Z 1`` over the columns of Z, from ``Z^T Z`` alone (coefs: units x knots)."""
-    from sklearn.linear_model import lars_path_gram
-
-    scale = float(np.trace(gram)) / len(gram) or 1.0
-    zz = gram / scale
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _, _, coefs = lars_path_gram(Xy=zz.sum(1), Gram=zz, n_samples=n_samples, method="lasso",
-                                     max_iter=8 * len(zz) + 10)
-    return np.asarray(coefs)

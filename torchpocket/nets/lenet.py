@@ -25,5 +25,5 @@ class LeNet5(nn.Module):
 
 @register_net("lenet5")
 def lenet5(*, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
-    """LeNet-5 (LeCun et al. 1998) with ReLU; any input of 10x10 or larger (not 8x8 digits)"""
+    """LeNet-5 (LeCun et al. 1998) with ReLU; any input of 8x8 or larger (digits, MNIST, CIFAR)"""
     return LeNet5(in_channels=in_channels, num_classes=num_classes)

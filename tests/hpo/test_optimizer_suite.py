@@ -1,0 +1,202 @@
+"""One suite that every registered optimizer (except ``none``) must pass, so a new optimizer is tested for free.
+
+(Optuna's ``pytest_samplers.py`` style.) Synthetic search spaces stand in for a
+learner: a chain of conv layers whose FLOPs are bilinear in neighbouring
+keep-ratios (pruning a layer's outputs also shrinks the next layer's inputs),
+and a bit-width space with integer steps and a linear cost.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from torchpocket.hpo import HPOS, Budget, LayerSpec, Optimizer, SearchSpace, create_optimizer
+from torchpocket.hpo.ddpg import DDPGConfig
+from torchpocket.hpo.gp import GPConfig
+
+NAMES = [n for n in HPOS.names() if n != "none"]
+LEARNING = [n for n in ("ddpg", "gp", "tpe", "evolution", "optuna-gp") if n in HPOS]
+CHANNELS = (16, 16, 32, 32, 32, 64, 64, 64, 128, 10)
+
+
+def flops_space(n: int = 10, *, target: float = 0.5, fill: bool = True, layer_costs: bool = True) -> SearchSpace:
+    """``n`` layers whose FLOPs are ``F_i * a_{i-1} * a_i`` (keep-ratios in [0.2, 1])."""
+    layers, flops, cin = [], [], 3
+    for i, c in enumerate((CHANNELS * (n // len(CHANNELS) + 1))[:n]):
+        k, size = (3, 32 // (1 + i // 3)) if i < n - 1 else (1, 1)
+        f = cin * c * k * k * size * size
+        layers.append(LayerSpec(name=f"layer{i}", kind="conv" if i < n - 1 else "linear", in_channels=cin,
+                                out_channels=c, stride=2 if i % 3 == 2 else 1, kernel=k, params=cin * c * k * k,
+                                flops=f, low=0.2, high=1.0))
+        flops.append(f)
+        cin = c
+    full = np.asarray(flops, float)
+
+    def per_layer(p: Any) -> np.ndarray:
+        p = np.asarray(p, float)
+        return full * np.concatenate([[1.0], p[:-1]]) * p
+
+    budget = Budget(cost_fn=lambda p: float(per_layer(p).sum()), full=float(full.sum()), target=target,
+                    lows=[lay.low for lay in layers], highs=[lay.high for lay in layers],
+                    layer_cost_fn=per_layer if layer_costs else None, fill=fill)
+    return SearchSpace(layers, budget)
+
+
+def bits_space(n: int = 8, *, target: float = 0.5) -> SearchSpace:
+    """Integer bit-widths in [2, 8] (step 1); cost = weight bits, no per-layer breakdown, no filling."""
+    params = [100 * (i + 1) ** 2 for i in range(n)]
+    layers = [LayerSpec(name=f"q{i}", kind="conv", in_channels=8 * (i + 1), out_channels=8 * (i + 2), stride=1,
+                        kernel=3, params=p, flops=p * 64, low=2, high=8, step=1) for i, p in enumerate(params)]
+    w = np.asarray(params, float)
+    budget = Budget(cost_fn=lambda b: float(np.dot(w, b)), full=float(w.sum() * 8), target=target,
+                    lows=[2] * n, highs=[8] * n, steps=[1] * n, fill=False, unit="bits")
+    return SearchSpace(layers, budget)
+
+
+SPACES: dict[str, Callable[[], SearchSpace]] = {
+    "flops": flops_space,
+    "flops-nobreakdown": lambda: flops_space(layer_costs=False),
+    "bits": bits_space,
+}
+
+# asks per run in the contract tests: enough to leave every optimizer's start-up phase (DDPG's warm-up is 25%
+# of total_trials, skopt's random points a quarter, Optuna GP's 10 start-up trials) and cheap enough for CI
+ASKS = {"gp": 4, "optuna-gp": 11}
+
+
+def n_asks(name: str) -> int:
+    return ASKS.get(name, 8)
+
+
+def build(name: str, space: SearchSpace, *, seed: int = 0, total: int | None = None, **kw: Any) -> Optimizer:
+    return create_optimizer(name, space, seed=seed, total_trials=total if total is not None else n_asks(name), **kw)
+
+
+def target_policy(space: SearchSpace, seed: int) -> np.ndarray:
+    """A feasible optimum p* on the budget's surface."""
+    rng = np.random.default_rng(1000 + seed)
+    return np.asarray(space.budget.project(rng.uniform(space.lows, space.highs)))
+
+
+def reward_fn(star: np.ndarray) -> Callable[[list[float]], float]:
+    return lambda p: -float(np.sum((np.asarray(p) - star) ** 2))
+
+
+def drive(opt: Optimizer, reward: Callable[[list[float]], float], n: int) -> list[list[float]]:
+    asked = []
+    for _ in range(n):
+        p = opt.ask()
+        asked.append(list(p))
+        opt.tell(p, reward(p))
+    return asked
+
+
+def roundtrip(state: dict[str, Any]) -> dict[str, Any]:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_suite_covers_the_registry() -> None:
+    assert {"random", "uniform", "ddpg", "gp", "tpe", "evolution"} <= set(NAMES)
+    for name in NAMES:
+        cls = HPOS.get(name)
+        assert issubclass(cls, Optimizer)
+        assert HPOS.doc(name), f"{name} has no one-line docstring for --list"
+        assert cls.parallel == (name in ("tpe", "evolution", "optuna-gp"))
+
+
+@pytest.mark.parametrize("kind", sorted(SPACES))
+@pytest.mark.parametrize("name", NAMES)
+def test_every_ask_meets_the_budget(name: str, kind: str) -> None:
+    space = SPACES[kind]()
+    b = space.budget
+    opt = build(name, space, seed=3)
+    rng = np.random.default_rng(0)
+    for p in drive(opt, lambda p: float(rng.normal()), n_asks(name)):
+        assert len(p) == len(space)
+        assert all(isinstance(v, float) for v in p)
+        assert np.all(np.asarray(p) >= space.lows - 1e-12) and np.all(np.asarray(p) <= space.highs + 1e-12)
+        assert b.cost(p) <= b.limit * (1 + 1e-9)
+        if b.fill:  # continuous layers: the target is reachable, so the policy sits just below it
+            assert b.cost(p) >= 0.99 * b.limit
+        if kind == "bits":
+            assert np.array_equal(np.asarray(p), np.round(p))
+    assert len(opt.history) == n_asks(name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_seed_same_asks(name: str) -> None:
+    space = flops_space()
+    reward = reward_fn(target_policy(space, 0))
+    runs = [drive(build(name, space, seed=7), reward, n_asks(name)) for _ in range(2)]
+    assert runs[0] == runs[1]
+    if name != "uniform":  # another seed proposes something else
+        assert drive(build(name, space, seed=8), reward, 2) != runs[0][:2]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_continues_like_an_uninterrupted_run(name: str) -> None:
+    space = flops_space()
+    reward = reward_fn(target_policy(space, 1))
+    k, m = n_asks(name) // 2, n_asks(name) - n_asks(name) // 2 - 1
+    total = n_asks(name)
+
+    straight = build(name, space, seed=5, total=total)
+    expected = drive(straight, reward, k)
+    pending = straight.ask()
+    straight.tell(pending, reward(pending))
+    expected += [pending] + drive(straight, reward, m)
+
+    first = build(name, space, seed=5, total=total)
+    got = drive(first, reward, k)
+    held = first.ask()  # asked, not yet told, when the search is killed
+    state = roundtrip(first.state_dict())
+    del first
+    resumed = build(name, space, seed=5, total=total)
+    resumed.load_state_dict(state)
+    resumed.tell(held, reward(held))
+    got += [held] + drive(resumed, reward, m)
+
+    assert got == expected
+    assert resumed.history == straight.history
+    assert resumed.best() == straight.best()
+
+
+# -- learning ---------------------------------------------------------------------------------------------------
+# each learning optimizer must end closer to a known optimum than random search with the same asks (3 seeds)
+LEARN: dict[str, tuple[int, Any]] = {
+    # AMC's defaults (warm-up = 25% of the 40 episodes) but narrower nets: 300 units learn alike, 5x slower on CPU
+    "ddpg": (40, DDPGConfig(hidden=64)),
+    # skopt refits the GP's kernel after every tell (~0.3 s); sampling the acquisition is ~3x cheaper than lbfgs
+    "gp": (16, GPConfig(acq_optimizer="sampling", candidates=1000)),
+    "tpe": (40, None),
+    "evolution": (100, None),
+    "optuna-gp": (18, None),  # 10 random start-up trials, then 8 GP-guided ones
+}
+SEEDS = (0, 1, 2)
+
+
+def learning_curve(name: str, seed: int, n: int, config: Any) -> np.ndarray:
+    space = flops_space()
+    reward = reward_fn(target_policy(space, seed))
+    kw = {} if config is None else {"config": config}
+    opt = build(name, space, seed=seed, total=n, **kw)
+    return np.asarray([reward(p) for p in drive(opt, reward, n)])
+
+
+@pytest.mark.parametrize("name", LEARNING)
+def test_learns_better_than_random(name: str) -> None:
+    n, config = LEARN[name]
+    ours = np.stack([learning_curve(name, s, n, config) for s in SEEDS])
+    rand = np.stack([learning_curve("random", s, n, None) for s in SEEDS])
+    # where it ends: the best policy found, and the policies it proposes last
+    assert ours.max(axis=1).mean() > rand.max(axis=1).mean()
+    assert ours[:, -10:].mean() > rand[:, -10:].mean()
