@@ -35,7 +35,7 @@ def test_defaults_are_amcs_and_flags_are_prefixed() -> None:
     assert (cfg.hidden, cfg.lr_actor, cfg.lr_critic, cfg.tau, cfg.batch_size) == (300, 1e-4, 1e-3, 0.01, 64)
     assert (cfg.noise_init, cfg.noise_decay, cfg.discount, cfg.moving_alpha) == (0.5, 0.95, 1.0, 0.5)
     assert cfg.memory_episodes == 100 and cfg.warmup == -1
-    assert SECTIONS["ddpg"] is DDPGConfig
+    assert SECTIONS["ddpg"] is DDPGConfig and DDPG.section == "ddpg" and DDPG.Config is DDPGConfig
     for f in dataclasses.fields(DDPGConfig):
         assert f.metadata["help"]
         assert f.metadata["flag"] == "--ddpg-" + f.name.replace("_", "-")

@@ -8,7 +8,9 @@ and a bit-width space with integer steps and a linear cost.
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from torchpocket.config import SECTIONS
+from torchpocket.errors import UserError
 from torchpocket.hpo import HPOS, Budget, LayerSpec, Optimizer, SearchSpace, create_optimizer
 from torchpocket.hpo.ddpg import DDPGConfig
 from torchpocket.hpo.gp import GPConfig
@@ -111,6 +115,9 @@ def test_suite_covers_the_registry() -> None:
         assert issubclass(cls, Optimizer)
         assert HPOS.doc(name), f"{name} has no one-line docstring for --list"
         assert cls.parallel == (name in ("tpe", "evolution", "optuna-gp"))
+        section = getattr(cls, "section", None)
+        if section is not None:  # how the pipeline finds an optimizer's own slice of the config
+            assert SECTIONS[section] is cls.Config and isinstance(cls.default_config(), cls.Config)
 
 
 @pytest.mark.parametrize("kind", sorted(SPACES))
@@ -170,6 +177,17 @@ def test_resume_continues_like_an_uninterrupted_run(name: str) -> None:
     assert resumed.best() == straight.best()
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_failed_candidate_does_not_break_the_search(name: str) -> None:
+    space = flops_space()
+    opt = build(name, space, seed=0, total=6)
+    rewards = iter([float("nan"), 1.0, -float("inf"), 0.5, float("nan"), 2.0])
+    for p in drive(opt, lambda p: next(rewards), 6):
+        assert space.budget.satisfied(p)
+    assert opt.best() is not None and opt.best()[1] == 2.0
+    assert len(drive(opt, lambda p: 0.0, 1)) == 1
+
+
 # -- learning ---------------------------------------------------------------------------------------------------
 # each learning optimizer must end closer to a known optimum than random search with the same asks (3 seeds)
 LEARN: dict[str, tuple[int, Any]] = {
@@ -200,3 +218,66 @@ def test_learns_better_than_random(name: str) -> None:
     # where it ends: the best policy found, and the policies it proposes last
     assert ours.max(axis=1).mean() > rand.max(axis=1).mean()
     assert ours[:, -10:].mean() > rand[:, -10:].mean()
+
+
+# -- shared studies (optimizers that declare parallel = True) ----------------------------------------------------
+PARALLEL = [n for n in NAMES if HPOS.get(n).parallel]
+
+
+@pytest.mark.parametrize("name", PARALLEL)
+def test_storage_is_shared_by_workers_and_reattached_on_resume(name: str, tmp_path: Any) -> None:
+    space = flops_space()
+    reward = reward_fn(target_policy(space, 2))
+    url = f"sqlite:///{tmp_path / 'search.db'}"
+    a = build(name, space, seed=1, storage=url, study_name="s")
+    b = build(name, space, seed=2, storage=url, study_name="s")
+    pa, pb = a.ask(), b.ask()  # two workers with trials in flight at once
+    b.tell(pb, reward(pb))
+    a.tell(pa, reward(pa))
+    drive(a, reward, 2)
+    held = b.ask()
+    state = roundtrip(b.state_dict())
+    assert state["storage"] == url and state["study_name"] == "s"
+
+    resumed = build(name, space, seed=2, storage=url, study_name="s")
+    resumed.load_state_dict(state)
+    resumed.tell(held, reward(held))
+    for p in drive(resumed, reward, 2):
+        assert space.budget.satisfied(p)
+    values = sorted(t.value for t in resumed.study.trials if t.value is not None)
+    assert len(resumed.study.trials) == 7 and len(values) == 7  # every trial told, none lost or duplicated
+    assert values == sorted(reward(p) for p, _ in a.history + resumed.history)
+
+
+@pytest.mark.parametrize("url", ["sqlite:////no/such/folder/search.db", "nosuchdb://x", "not a url"])
+def test_bad_storage_is_one_clear_line(url: str) -> None:
+    name = PARALLEL[0]
+    with pytest.raises(UserError, match="cannot open Optuna storage") as err:
+        build(name, flops_space(), storage=url, study_name="s")
+    assert "\n" not in str(err.value) and url in str(err.value)
+
+
+def test_in_memory_study_does_not_resume_from_a_stored_one(tmp_path: Any) -> None:
+    name = PARALLEL[0]
+    stored = build(name, flops_space(), storage=f"sqlite:///{tmp_path / 's.db'}", study_name="s")
+    stored.tell(stored.ask(), 1.0)
+    with pytest.raises(UserError, match="--storage"):
+        build(name, flops_space()).load_state_dict(stored.state_dict())
+
+
+def test_gp_without_scikit_optimize_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "skopt", None)  # import skopt -> ImportError
+    with pytest.raises(UserError, match=r"pip install 'torchpocket\[gp\]'"):
+        build("gp", flops_space())
+
+
+def test_layers_with_fixed_bounds_are_left_out_of_the_search() -> None:
+    base = flops_space()
+    layers = [dataclasses.replace(lay, low=1.0, high=1.0) if i in (0, 9) else lay for i, lay in enumerate(base.layers)]
+    b = base.budget
+    budget = Budget(cost_fn=b.cost_fn, full=b.full, target=0.5, lows=[lay.low for lay in layers],
+                    highs=[lay.high for lay in layers], layer_cost_fn=b.layer_cost_fn)
+    space = SearchSpace(layers, budget)
+    for name in NAMES:
+        for p in drive(build(name, space, seed=0, total=4), lambda p: -sum(p), 3):
+            assert p[0] == 1.0 and p[9] == 1.0 and budget.satisfied(p), name

@@ -7,6 +7,7 @@ networks or learners: all they know is the :class:`SearchSpace`.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -54,4 +55,6 @@ class Optimizer(ABC):
             self.tell(list(policy), float(reward))
 
     def best(self) -> tuple[Policy, float] | None:
-        return max(self.history, key=lambda pr: pr[1]) if self.history else None
+        """The told policy with the highest reward (NaN rewards, from failed candidates, never win)."""
+        scored = [pr for pr in self.history if not math.isnan(pr[1])]
+        return max(scored, key=lambda pr: pr[1]) if scored else None

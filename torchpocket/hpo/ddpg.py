@@ -152,6 +152,8 @@ class DDPG(Optimizer):
     """AMC's DDPG agent: walks the layers one action at a time, with the action wall and truncated-normal noise"""
 
     parallel: ClassVar[bool] = False
+    Config: ClassVar[type] = DDPGConfig  # its config section, for the pipeline
+    section: ClassVar[str] = "ddpg"
 
     @classmethod
     def default_config(cls) -> DDPGConfig:
@@ -259,8 +261,8 @@ class DDPG(Optimizer):
     def tell(self, policy: Policy, reward: float) -> None:
         super().tell(policy, reward)
         rec = self._take_pending(policy)
-        if rec is None:
-            return
+        if rec is None or not math.isfinite(reward):
+            return  # not an episode of ours, or a failed candidate: nothing the critic could fit
         states, actions = rec["states"], rec["actions"]
         learn = rec["episode"] >= self.warmup
         for t, (s, u) in enumerate(zip(states, actions)):

@@ -65,6 +65,8 @@ class GPOptimizer(Optimizer):
     """Gaussian-process Bayesian optimisation (scikit-optimize), proposals projected onto the budget"""
 
     parallel: ClassVar[bool] = False
+    Config: ClassVar[type] = GPConfig  # its config section, for the pipeline
+    section: ClassVar[str] = "gp"
 
     @classmethod
     def default_config(cls) -> GPConfig:

@@ -17,6 +17,7 @@ Life cycle used by the pipeline::
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -57,8 +58,12 @@ class Learner(ABC):
         self.data = data
 
     @abstractmethod
-    def search_space(self, model: nn.Module, target: float) -> SearchSpace:
-        """The compressible layers of ``model`` and a Budget at ``target``."""
+    def search_space(self, model: nn.Module, target: float, *, fill: bool = True) -> SearchSpace:
+        """The compressible layers of ``model`` and a Budget at ``target``.
+
+        ``fill=True``: resource-constrained protocol (projections rise to just under the target);
+        ``fill=False``: accuracy-guaranteed rewards (policies may stay below it).
+        """
 
     @abstractmethod
     def compress(self, model: nn.Module, policy: Policy) -> nn.Module:
@@ -94,9 +99,10 @@ class Learner(ABC):
         return finetune(model, self._loader("train", train=True), steps=steps, cfg=self.train_cfg,
                         device=self.device, teacher=teacher, after_step=self._after_step_hook(), quiet=True)
 
-    def retrain(self, model: nn.Module, *, teacher: nn.Module | None, epochs: int,
+    def retrain(self, model: nn.Module, *, teacher: nn.Module | None, epochs: int, lr: float | None = None,
                 on_epoch: Any = None) -> list[dict[str, float]]:
-        """Full re-training of the chosen candidate (distillation from ``teacher``)."""
-        return fit(model, self._loader("train", train=True), self._loader("val"), cfg=self.train_cfg,
+        """Full re-training of the chosen candidate (distillation from ``teacher``), peak learning rate ``lr``."""
+        cfg = dataclasses.replace(self.train_cfg, lr=lr) if lr else self.train_cfg
+        return fit(model, self._loader("train", train=True), self._loader("val"), cfg=cfg,
                    device=self.device, epochs=epochs, teacher=teacher, after_step=self._after_step_hook(),
                    on_epoch=on_epoch, quiet=self.quiet, desc="re-train")

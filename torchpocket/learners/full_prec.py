@@ -17,7 +17,7 @@ class FullPrecLearner(Learner):
 
     searchable = False
 
-    def search_space(self, model: nn.Module, target: float) -> SearchSpace:
+    def search_space(self, model: nn.Module, target: float, *, fill: bool = True) -> SearchSpace:
         budget = Budget(cost_fn=lambda p: 1.0, full=1.0, target=1.0, lows=[], highs=[])
         return SearchSpace([], budget)
 
