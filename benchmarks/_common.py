@@ -12,8 +12,10 @@ feature maps or re-computing the LASSO paths the learner caches.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as _dt
+import io
 import math
 import os
 import platform
@@ -266,7 +268,8 @@ class Bench:
         cfg = self.config(hpo=optimizer, seed=seed, target=target, episodes=episodes, **chn)
         learner = self.learner(seed, **chn)
         seed_everything(seed)
-        result = search(learner, self.base, self.data, cfg, run_dir=None, device=self.device)
+        with contextlib.nullcontext() if self.args.verbose else contextlib.redirect_stdout(io.StringIO()):
+            result = search(learner, self.base, self.data, cfg, run_dir=None, device=self.device)
         return Run(optimizer, target, seed, result, val_acc=result.best_val_acc)
 
     def retrain_and_test(self, run: Run, **chn: Any) -> Run:

@@ -210,12 +210,12 @@ def speed_table(bench: Bench, runs: dict[tuple[float, str], list[Run]]) -> str:
                       flush=True)
     head = ["channel round", "FLOPs kept", "params kept", "runtime", "batch", "baseline ms", "pruned ms", "speedup",
             "FLOPs limit (1 / FLOPs kept)"]
-    text = f"### Speed at FLOPs target {t:g}: pruned vs baseline, same process (CPU, {threads} threads)\n\n"
+    text = f"### Speed at FLOPs target {t:g}: pruned vs baseline, same process (CPU, threads={threads})\n\n"
     text += md_table(head, rows, right=[True, True, True, False] + [True] * 5)
     text += (f"\nPolicy: {source}, projected onto each channel-round budget; weights do not affect speed, so the "
              "pruned models are not re-trained here. PyTorch eager: `torchpocket.profile.compare_latency`, both "
              f"models interleaved, median of {a.latency_repeats} repeats after warm-up. ONNX Runtime (CPU, "
-             f"{threads} intra-op threads): both exported (opset 17, batch-norm folded), "
+             f"intra-op threads={threads}): both exported (opset 17, batch-norm folded), "
              f"{max(1, a.latency_repeats // 5)} rounds of 5 runs each with the model order alternating, median over "
              "rounds. The FLOPs ratio bounds the speedup: 1 / FLOPs kept is the most that fewer multiply-adds can "
              "give; memory traffic, per-layer overheads and channel counts that do not fill the SIMD lanes "

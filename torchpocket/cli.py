@@ -82,6 +82,24 @@ def config_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return cfg
 
 
+def flags_markdown() -> str:
+    """Every option as a markdown table per section (README's option reference is generated from this)."""
+    from torchpocket.config import default_config, flag_of, iter_fields
+
+    defaults = default_config()
+    rows: dict[str, list[str]] = {}
+    for section, f, _ in iter_fields():
+        flag = flag_of(section, f)
+        if defaults[section][f.name] is True:
+            flag = f"{flag} / --no-{flag[2:]}"
+        help_text = f.metadata.get("help", "").replace("|", "\\|")
+        rows.setdefault(section, []).append(f"| `{flag}` | `{defaults[section][f.name]}` | {help_text} |")
+    out = []
+    for section, lines in rows.items():
+        out += [f"**{section}** (YAML section `{section}:`)", "", "| flag | default | meaning |", "|---|---|---|", *lines, ""]
+    return "\n".join(out)
+
+
 def print_list() -> None:
     from torchpocket.datasets import DATASETS
     from torchpocket.hpo import HPOS
