@@ -123,8 +123,8 @@ def header(title: str, bench: Bench) -> str:
     return "\n".join([
         f"## {title}",
         "",
-        f"- machine: {machine}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} threads, device {bench.device}; {_dt.date.today().isoformat()}",
+        f"- machine: {machine}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
+        f"torch.get_num_threads()={torch.get_num_threads()}, device {bench.device}; {_dt.date.today().isoformat()}",
         f"- command: `{command_line()}`",
         f"- baseline: {bench.source} ({bench.net} on {bench.data.name}), test acc {bench.base_test:.2f}%, "
         f"{bench.base_flops / 1e6:.2f} MFLOPs; baseline val acc on the reward split "

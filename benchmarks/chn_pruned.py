@@ -115,7 +115,7 @@ def accuracy_tables(bench: Bench, runs: dict[tuple[float, str], list[Run]]) -> s
 def selection_table(bench: Bench, runs: dict[tuple[float, str], list[Run]]) -> tuple[str, list[dict[str, Any]]]:
     """Val acc (reward split, no fine-tuning) of each selection method at the same policies."""
     a = bench.args
-    sources = [s for s in a.selection_policies if s == "uniform" or s in a.optimizers]
+    sources = list(dict.fromkeys(a.selection_policies))
     acc: dict[tuple[float, str, str], list[float]] = {}
     kept: dict[tuple[float, str], list[float]] = {}
     for seed_i, seed in enumerate(a.seeds):
@@ -265,8 +265,9 @@ def main() -> None:
     add_common_args(ap, optimizers=OPTIMIZERS, targets=TARGETS)
     ap.add_argument("--selections", nargs="+", default=["lasso+rec", "l1+rec", "l1", "random+rec", "random"],
                     choices=list(SELECTIONS), help="table 2's columns (default: %(default)s)")
-    ap.add_argument("--selection-policies", nargs="+", default=["uniform", "ddpg"],
-                    help="table 2's policies: uniform and/or optimizers of table 1 (default: %(default)s)")
+    ap.add_argument("--selection-policies", nargs="+", default=None,
+                    help="table 2's policies: uniform and/or optimizers of table 1 (default: uniform, and ddpg "
+                         "if it ran)")
     ap.add_argument("--speed-target", type=float, default=0.5, help="table 3's FLOPs target (default: %(default)s)")
     ap.add_argument("--speed-policy", default=None,
                     help="table 3's policy: uniform or an optimizer of table 1 (default: ddpg if it ran, else uniform)")
@@ -276,6 +277,11 @@ def main() -> None:
     ap.add_argument("--latency-repeats", type=int, default=50, help="timed repeats per latency (default: %(default)s)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["selection", "speed"], help="leave out table 2 / 3")
     args = ap.parse_args()
+    if args.selection_policies is None:
+        args.selection_policies = ["uniform"] + (["ddpg"] if "ddpg" in args.optimizers else [])
+    for src in args.selection_policies:
+        if src != "uniform" and src not in args.optimizers:
+            ap.error(f"--selection-policies takes uniform or optimizers of --optimizers, got {src!r}")
     if args.speed_policy is None:
         args.speed_policy = "ddpg" if "ddpg" in args.optimizers else "uniform"
     if args.speed_policy != "uniform" and args.speed_policy not in args.optimizers:

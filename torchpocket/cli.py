@@ -36,8 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
         g = groups.get(section) or groups.setdefault(section, p.add_argument_group(f"{section} options"))
         flag = flag_of(section, f)
         default = defaults[section][f.name]
-        kw: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,
-                              "help": f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")}
+        kw: dict[str, Any] = {
+            "dest": f"{section}.{f.name}",
+            "default": argparse.SUPPRESS,
+            "help": f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%"),
+        }
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
         if tp is bool:
@@ -72,13 +75,17 @@ def config_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
             overrides.setdefault(section, {})[name] = value
     cfg = merge(cfg, overrides, "command line")
     validate(cfg)
-    if cfg["run"]["init"] and "run.net" in vars(args):
+    if cfg["run"]["init"]:
         from torchpocket.learners.training import load_checkpoint
 
         saved = load_checkpoint(cfg["run"]["init"]).get("net")
-        if saved and saved != cfg["run"]["net"]:
-            raise UserError(f"--init {cfg['run']['init']} is a {saved} checkpoint, but --net {cfg['run']['net']} "
-                            "was given (drop --net: the architecture comes from the checkpoint)")
+        if saved and "run.net" in vars(args) and saved != cfg["run"]["net"]:
+            raise UserError(
+                f"--init {cfg['run']['init']} is a {saved} checkpoint, but --net {cfg['run']['net']} "
+                "was given (drop --net: the architecture comes from the checkpoint)"
+            )
+        if saved:
+            cfg["run"]["net"] = saved  # the run directory and config.yaml name the real net
     return cfg
 
 
@@ -96,7 +103,14 @@ def flags_markdown() -> str:
         rows.setdefault(section, []).append(f"| `{flag}` | `{defaults[section][f.name]}` | {help_text} |")
     out = []
     for section, lines in rows.items():
-        out += [f"**{section}** (YAML section `{section}:`)", "", "| flag | default | meaning |", "|---|---|---|", *lines, ""]
+        out += [
+            f"**{section}** (YAML section `{section}:`)",
+            "",
+            "| flag | default | meaning |",
+            "|---|---|---|",
+            *lines,
+            "",
+        ]
     return "\n".join(out)
 
 
@@ -111,8 +125,10 @@ def print_list() -> None:
         for name in reg.names():
             print(f"  {name:<18} {reg.doc(name)}")
         if title == "nets":
-            print(f"  {'tv:<name>':<18} any torchvision classification model, random init "
-                  "(e.g. tv:resnet18, tv:mobilenet_v2)")
+            print(
+                f"  {'tv:<name>':<18} any torchvision classification model, random init "
+                "(e.g. tv:resnet18, tv:mobilenet_v2)"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -184,8 +184,17 @@ def validate(cfg: dict[str, dict[str, Any]]) -> None:
             auto = key in ("episodes", "val_size")  # -1 means "the default for this run"
             if nonneg and isinstance(value, (int, float)) and value < (-1 if auto else 0):
                 raise UserError(f"{section}.{key} must not be negative, got {value}")
-    if cfg["train"]["batch_size"] <= 0:
-        raise UserError(f"--batch-size must be positive, got {cfg['train']['batch_size']}")
+    positive = {("train", "batch_size"), ("search", "latency_repeats"), ("ddpg", "batch_size"),
+                ("ddpg", "memory_episodes"), ("ddpg", "hidden"), ("chn", "calib_batches")}
+    for section, key in positive:
+        if section in cfg and key in cfg[section] and cfg[section][key] <= 0:
+            flag = next(flag_of(s, f) for s, f, _ in iter_fields() if s == section and f.name == key)
+            raise UserError(f"{flag} must be positive, got {cfg[section][key]}")
+    for key, where in (("threads", "run"), ("reward_val_size", "search"), ("ft_steps", "search")):
+        if cfg[where][key] < 0:
+            raise UserError(f"--{key.replace('_', '-')} must not be negative, got {cfg[where][key]}")
+    if cfg["data"]["val_size"] == 0 and LEARNERS.get(run["learner"]).searchable:
+        raise UserError("--val-size 0 leaves nothing to score candidates on; the search needs a validation split")
 
 
 def dump_yaml(cfg: dict[str, Any]) -> str:

@@ -295,7 +295,7 @@ class SearchResult:
 def _study_name(cfg: dict[str, Any]) -> str:
     run = cfg["run"]
     return cfg["search"]["study_name"] or (
-        f"{run['learner']}-{run['hpo']}-{run['net']}-{run['dataset']}-t{run['target']}-s{run['seed']}")
+        f"{run['learner']}-{run['hpo']}-{run['net']}-{run['dataset']}-t{run['target']}")
 
 
 def episodes_for(cfg: dict[str, Any]) -> int:
@@ -351,7 +351,8 @@ def search(
         if not getattr(hpo_cls, "parallel", False):
             raise UserError(
                 f"--storage needs an Optuna-backed optimizer (tpe, evolution, optuna-gp), not {run['hpo']!r}")
-        kwargs.update(storage=sc["storage"], study_name=_study_name(cfg))
+        # one study for every worker; each worker's sampler gets its own seed so they do not propose alike
+        kwargs.update(storage=sc["storage"], study_name=_study_name(cfg), seed=run["seed"] + os.getpid())
     optimizer = create_optimizer(run["hpo"], space, **kwargs)
 
     val = data.val
@@ -364,12 +365,14 @@ def search(
     log = TrialLog(run_dir.path, names) if run_dir else None
     trials: list[dict[str, Any]] = []
     state_path = run_dir.path / "search_state.pt" if run_dir else None
-    if sc["resume"] and state_path is not None and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        trials = (log.read() if log else [])[: state["trials"]]
-        if log:
-            log.rewrite(trials)
+    if sc["resume"] and log is not None and state_path is not None:
+        done = 0
+        if state_path.exists():  # no state yet: killed during the first trial, start over
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            optimizer.load_state_dict(state["optimizer"])
+            done = state["trials"]
+        trials = log.read()[:done]
+        log.rewrite(trials)  # drop rows of a trial that was in flight
         print(f"resumed after {len(trials)} finished trials", flush=True)
     base_val = evaluate(model, val_loader, device=device)
     print(f"baseline val acc on the reward split ({len(val)} images): {base_val:.2f}%  |  "
@@ -388,7 +391,11 @@ def search(
             if sc["ft_steps"]:
                 learner.finetune(cand, teacher=model, steps=sc["ft_steps"])
             acc = evaluate(cand, val_loader, device=device)
-            flops, params = _count(cand, data)
+            params = float(sum(p.numel() for p in cand.parameters()))
+            if space.budget.unit == "flops":  # the budget's cost model is exact: no counting forward pass
+                flops = space.budget.fraction(policy) * full_flops
+            else:
+                flops = _count(cand, data)[0]
             reward = compute_reward(sc["reward"], acc, flops, params)
             record.update(status="ok", val_acc=acc, reward=reward, flops=flops, params=params)
         except (NonFiniteLoss, RuntimeError, ValueError) as e:  # diverged or failed to build: keep searching
@@ -590,12 +597,14 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["search"]["policy"] and run_cfg["hpo"] != "none":
         raise UserError("--policy applies a fixed policy: use it with --hpo none")
     episodes_for(cfg)  # validates --episodes before touching data
+    learner = make_learner(cfg, device)  # validates the learner's own options before anything is written
+    if learner.searchable and run_cfg["target"] >= 1.0 and run_cfg["hpo"] != "none":
+        print(f"warning: --target {run_cfg['target']:g} keeps everything; pass e.g. --target 0.5", file=sys.stderr)
     data = load_data(cfg)
     run_dir = RunDir(Path(cfg["search"]["resume"])) if cfg["search"]["resume"] else RunDir.create(cfg)
     with run_dir.tee():
         print(f"run directory: {run_dir.path}", flush=True)
         atomic_write_text(run_dir.path / "config.yaml", dump_yaml(cfg))
-        learner = make_learner(cfg, device)
         if not learner.searchable:
             return _train_baseline(learner, cfg, data, run_dir, device)
         base, info = resolve_baseline(cfg, data, device)
@@ -624,12 +633,19 @@ def _resume_config(cfg: dict[str, Any]) -> dict[str, Any]:
 def _train_baseline(learner: Any, cfg: dict[str, Any], data: DataBundle, run_dir: RunDir,
                     device: torch.device) -> dict[str, Any]:
     """``--learner full-prec``: train (or continue from --init) and write model.pt + summary.json."""
-    from torchpocket.api import load, save_model
+    from torchpocket.api import arch_chain, load, save_model
+    from torchpocket.learners.training import load_checkpoint
     from torchpocket.nets import create_net
 
     run, tc = cfg["run"], _train_cfg(cfg)
-    model = load(run["init"]) if run["init"] else create_net(
-        run["net"], in_channels=data.in_channels, num_classes=data.num_classes)
+    base_arch: list[dict[str, Any]] = []
+    if run["init"]:  # continue training any checkpoint, a compressed one included
+        ckpt = load_checkpoint(run["init"])
+        _check_compatible(ckpt, data, run["init"])
+        base_arch = arch_chain(ckpt)
+        model = load(run["init"])
+    else:
+        model = create_net(run["net"], in_channels=data.in_channels, num_classes=data.num_classes)
     model.to(device)
     start = time.perf_counter()
     history = fit(model, data.loader("train", batch_size=tc.batch_size, train=True, seed=run["seed"]),
@@ -640,7 +656,8 @@ def _train_baseline(learner: Any, cfg: dict[str, Any], data: DataBundle, run_dir
     metrics = {"test_acc": test_acc, "val_acc": history[-1]["val_acc"] if history else None,
                "train_seconds": seconds, "history": history}
     save_model(run_dir.path / "model.pt", model.cpu(), config=cfg, net=run["net"], in_channels=data.in_channels,
-               num_classes=data.num_classes, image_size=data.image_size, metrics={"test_acc": test_acc})
+               num_classes=data.num_classes, image_size=data.image_size, metrics={"test_acc": test_acc},
+               base_arch=base_arch)
     run_dir.write_json("metrics.json", metrics)
     summary = {"learner": "full-prec", "net": run["net"], "dataset": run["dataset"], "test_acc": test_acc,
                "epochs": tc.epochs, "train_seconds": seconds}
@@ -683,10 +700,10 @@ def compress_model(
     cfg["run"]["net"] = None
     dev = resolve_device(device)
     data = LoaderBundle(train_loader, val_loader, test_loader)
-    with torch.no_grad():
-        data.num_classes = int(model.eval()(next(iter(val_loader))[0][:1].to(dev)).shape[1])
-    learner_obj = make_learner(cfg, dev)
     teacher = copy.deepcopy(model).to(dev).eval()
+    with torch.no_grad():
+        data.num_classes = int(teacher(next(iter(val_loader))[0][:1].to(dev)).shape[1])
+    learner_obj = make_learner(cfg, dev)
     rd = None
     if out_dir:
         cfg["run"]["out_dir"], cfg["run"]["net"] = out_dir, "user"

@@ -18,6 +18,12 @@ class FixedPolicy(Optimizer):
         self.policy = policy
 
     def ask(self) -> Policy:
-        if self.policy is not None:
-            return self.space.budget.project(self.policy) if self.space.budget.fill else list(self.policy)
+        if self.policy is not None:  # the user's policy as written (clipped to the bounds), not re-projected
+            b = self.space.budget
+            p = [float(v) for v in b.clip(self.policy)]
+            if not b.satisfied(p):
+                from torchpocket.errors import UserError
+
+                raise UserError(f"the policy keeps {b.fraction(p):.3f} of the {b.unit}, above --target {b.target:g}")
+            return p
         return self.space.budget.uniform()

@@ -81,14 +81,14 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None) 
 
 
 def make_scheduler(
-    opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+    opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int, steps_per_epoch: int = 0
 ) -> torch.optim.lr_scheduler.LRScheduler:
     total_steps = max(1, total_steps)
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total_steps, pct_start=0.25
         )
-    warm = int(cfg.warmup_epochs / max(cfg.epochs, 1) * total_steps)
+    warm = int(cfg.warmup_epochs * steps_per_epoch) if steps_per_epoch else 0
 
     def factor(step: int) -> float:
         if step < warm:
@@ -232,7 +232,7 @@ def fit(
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
-    sched = make_scheduler(opt, cfg, epochs * steps_per_epoch)
+    sched = make_scheduler(opt, cfg, epochs * steps_per_epoch, steps_per_epoch)
     history = []
     for epoch in range(epochs):
         if hasattr(train_loader, "set_epoch"):
