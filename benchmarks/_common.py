@@ -3,10 +3,9 @@
 Both scripts run every configuration in one process through the library's own pipeline functions
 (``load_data``, ``resolve_baseline``, ``make_learner``, ``search``): the data and the baseline are
 loaded once, and one ``chn-pruned`` learner per (seed, learner options) is prepared (calibrated) once
-and reused by every optimizer and target of that seed. ``pipeline.search`` calls ``learner.prepare``
-on every call; :func:`prepare_once` makes that repeat call a checked no-op, which gives the same
-candidates (``prepare`` is deterministic in the learner's seed) without re-sampling the calibration
-feature maps or re-computing the LASSO paths the learner caches.
+and reused by every optimizer and target of that seed: searches run with
+``pipeline.search(..., prepare=False)``, which gives the same candidates (``prepare`` is deterministic in
+the learner's seed) without re-sampling the calibration feature maps or re-computing the cached LASSO paths.
 """
 
 from __future__ import annotations
@@ -174,17 +173,6 @@ def emit(text: str, out: str | None, *, first: bool) -> None:
 # ----------------------------------------------------------------------------- the benchmark state
 
 
-def prepare_once(learner: Any, model: nn.Module, data: DataBundle) -> None:
-    """``learner.prepare(model, data)`` now; later calls with the same model and data do nothing."""
-    learner.prepare(model, data)
-
-    def prepared(m: nn.Module, d: DataBundle) -> None:
-        if m is not model or d is not data:
-            raise RuntimeError("benchmark learner was prepared on another model or data")
-
-    learner.prepare = prepared  # shadows the method on this instance only
-
-
 @dataclass
 class Run:
     """One search and what became of its best candidate."""
@@ -247,7 +235,7 @@ class Bench:
             cfg = self.config(hpo="none", seed=seed, target=1.0, episodes=1, **chn)
             learner = make_learner(cfg, self.device)
             t0 = time.perf_counter()
-            prepare_once(learner, self.base, self.data)
+            learner.prepare(self.base, self.data)
             self._warm(learner, chn.get("channel_round", self.cfg["chn"]["channel_round"]))
             self.prepare_s[key] = time.perf_counter() - t0
             self.learners[key] = learner
@@ -269,7 +257,7 @@ class Bench:
         learner = self.learner(seed, **chn)
         seed_everything(seed)
         with contextlib.nullcontext() if self.args.verbose else contextlib.redirect_stdout(io.StringIO()):
-            result = search(learner, self.base, self.data, cfg, run_dir=None, device=self.device)
+            result = search(learner, self.base, self.data, cfg, run_dir=None, device=self.device, prepare=False)
         return Run(optimizer, target, seed, result, val_acc=result.best_val_acc)
 
     def retrain_and_test(self, run: Run, **chn: Any) -> Run:

@@ -48,7 +48,8 @@ def test_search_writes_trials_summary_and_report(capsys: pytest.CaptureFixture[s
     assert summary["flops_ratio"] <= 0.5 + 1e-6 and summary["flops_ratio"] > 0.45
     assert summary["compressed"]["params"] < summary["baseline"]["params"]
     assert summary["trials"] == 4
-    assert (run_dir / "report.md").is_file() and (run_dir / "policy.yaml").is_file()
+    for name in ("report.md", "policy.yaml", "metrics.json", "config.yaml", "log.txt", "model.pt"):
+        assert (run_dir / name).is_file(), name
     best = max(rows, key=lambda r: r["reward"])
     policy = yaml.safe_load((run_dir / "policy.yaml").read_text())["layers"]
     assert list(policy.values()) == pytest.approx(best["policy"])

@@ -329,14 +329,20 @@ def search(
     *,
     run_dir: RunDir | None,
     device: torch.device,
+    prepare: bool = True,
 ) -> SearchResult:
-    """The ask / compress / fine-tune / evaluate / tell loop."""
+    """The ask / compress / fine-tune / evaluate / tell loop.
+
+    ``prepare=False`` reuses a learner already prepared on ``model`` and ``data`` (benchmarks
+    running many searches with one calibration).
+    """
     from torchpocket.hpo import HPOS, create_optimizer
 
     run, sc = cfg["run"], cfg["search"]
     fill = sc["reward"] == "acc"
     start = time.perf_counter()
-    learner.prepare(model, data)
+    if prepare:
+        learner.prepare(model, data)
     space = learner.search_space(model, run["target"], fill=fill)
     names = space.names
     episodes = episodes_for(cfg)
@@ -532,6 +538,8 @@ def finalize(
     if extra:
         summary["export"] = extra
     run_dir.write_json("summary.json", summary)
+    run_dir.write_json("metrics.json", {**metrics, "retrain_history": history,
+                                        "best_trial_val_acc": result.best_val_acc if result else None})
     if result is not None and result.trials:
         from torchpocket.report import write_report
 

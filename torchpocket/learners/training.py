@@ -279,7 +279,7 @@ def finetune(
     after_step: Callable[[nn.Module], None] | None = None,
     quiet: bool = True,
 ) -> dict[str, float]:
-    """Fast fine-tuning: ``steps`` SGD steps at a small cosine-decayed learning rate, distilling when a teacher is given."""
+    """Fast fine-tuning: ``steps`` SGD steps at a small cosine-decayed learning rate, distilling from ``teacher``."""
     if steps <= 0:
         return {}
     if cfg.channels_last:
