@@ -54,6 +54,14 @@ class Optimizer(ABC):
             self.ask()
             self.tell(list(policy), float(reward))
 
+    @staticmethod
+    def pop_pending(pending: list[Any], policy: Policy) -> Any:
+        """Remove and return the pending ask whose policy (its first element) equals ``policy``;
+        else the oldest one (a caller that rounded the policy); ``None`` when nothing is pending."""
+        key = [float(v) for v in policy]
+        i = next((k for k, item in enumerate(pending) if list(item[0]) == key), 0 if pending else None)
+        return None if i is None else pending.pop(i)
+
     def best(self) -> tuple[Policy, float] | None:
         """The told policy with the highest reward (NaN rewards, from failed candidates, never win)."""
         scored = [pr for pr in self.history if not math.isnan(pr[1])]

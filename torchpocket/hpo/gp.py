@@ -123,13 +123,10 @@ class GPOptimizer(Optimizer):
 
     def tell(self, policy: Policy, reward: float) -> None:
         super().tell(policy, reward)
-        key = [float(v) for v in policy]
-        i = next((k for k, (p, _) in enumerate(self.pending) if p == key), None)
-        if i is None:
-            if not self.pending:
-                return  # a policy skopt never proposed: nothing to learn from
-            i = 0
-        _, x = self.pending.pop(i)
+        item = self.pop_pending(self.pending, policy)
+        if item is None:
+            return  # a policy skopt never proposed: nothing to learn from
+        _, x = item
         y = -float(reward) if math.isfinite(reward) else self._worst()
         self._tell_x(x, y)
         self.journal.append([x, y])

@@ -77,13 +77,10 @@ class OptunaOptimizer(Optimizer):
 
     def tell(self, policy: Policy, reward: float) -> None:
         super().tell(policy, reward)
-        key = [float(v) for v in policy]
-        i = next((k for k, (p, _) in enumerate(self.pending) if p == key), None)
-        if i is None:
-            if not self.pending:
-                return  # not a policy this study proposed: nothing to tell it
-            i = 0
-        _, number = self.pending.pop(i)
+        item = self.pop_pending(self.pending, policy)
+        if item is None:
+            return  # not a policy this study proposed: nothing to tell it
+        _, number = item
         value = float(reward) if math.isfinite(reward) else None
         self._tell_trial(number, value)
         self.journal.append([number, value])
