@@ -16,8 +16,6 @@ import copy
 import datetime as _dt
 import io
 import math
-import os
-import platform
 import shlex
 import statistics
 import sys
@@ -37,7 +35,7 @@ from torchpocket.hpo import HPOS
 from torchpocket.learners.training import evaluate
 from torchpocket.pipeline import SearchResult, load_data, make_learner, resolve_baseline, search
 from torchpocket.profile import profile_model
-from torchpocket.utils import resolve_device, seed_everything
+from torchpocket.utils import machine_description, resolve_device, seed_everything
 
 LEARNER = "chn-pruned"
 
@@ -116,14 +114,12 @@ def command_line() -> str:
 def header(title: str, bench: Bench) -> str:
     """Machine, threads, baseline and the exact command, so the README can cite where a table came from."""
     a = bench.args
-    machine = f"{platform.machine()} {platform.processor() or ''}".strip()
     budget = (f"{a.retrain_epochs} epoch(s)" + (f" x at most {a.retrain_steps} steps" if a.retrain_steps else "")
               + ", distilled from the baseline" if a.retrain_epochs else "none")
     return "\n".join([
         f"## {title}",
         "",
-        f"- machine: {machine}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
-        f"torch.get_num_threads()={torch.get_num_threads()}, device {bench.device}; {_dt.date.today().isoformat()}",
+        f"- machine: {machine_description()}, device {bench.device}; {_dt.date.today().isoformat()}",
         f"- command: `{command_line()}`",
         f"- baseline: {bench.source} ({bench.net} on {bench.data.name}), test acc {bench.base_test:.2f}%, "
         f"{bench.base_flops / 1e6:.2f} MFLOPs; baseline val acc on the reward split "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 
@@ -25,7 +24,7 @@ from torchpocket.config import default_config
 from torchpocket.datasets import load_dataset
 from torchpocket.learners.training import TrainConfig, evaluate, fit, make_optimizer, train_one_epoch
 from torchpocket.nets import create_net
-from torchpocket.utils import seed_everything
+from torchpocket.utils import machine_description, seed_everything
 
 
 def pipeline_ratio(model: torch.nn.Module, data: object, cfg: TrainConfig, steps: int = 30, repeats: int = 3) -> float:
@@ -93,7 +92,7 @@ def main() -> None:
     config["run"].update(net=args.net, dataset=args.dataset, seed=args.seed)
     config["train"].update(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
     metrics = {"test_acc": test_acc, "val_acc": history[-1]["val_acc"], "seconds_per_epoch": sec_epoch,
-               "train_seconds": total, "pipeline_ratio": ratio, "machine": platform.processor() or platform.machine(),
+               "train_seconds": total, "pipeline_ratio": ratio, "machine": machine_description(),
                "threads": torch.get_num_threads()}
     save_model(args.out, model.to(memory_format=torch.contiguous_format), config=config, net=args.net,
                in_channels=data.in_channels, num_classes=data.num_classes, image_size=data.image_size, metrics=metrics)

@@ -17,7 +17,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Iterator
@@ -33,7 +32,15 @@ from torchpocket.config import dump_yaml, opt, register_section
 from torchpocket.datasets import DataBundle, Split, load_dataset
 from torchpocket.errors import UserError
 from torchpocket.learners.training import NonFiniteLoss, TrainConfig, evaluate, fit
-from torchpocket.utils import Tee, atomic_write_text, is_main_process, progress, resolve_device, seed_everything
+from torchpocket.utils import (
+    Tee,
+    atomic_write_text,
+    is_main_process,
+    machine_description,
+    progress,
+    resolve_device,
+    seed_everything,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_DIR = REPO_ROOT / "benchmarks"
@@ -573,7 +580,7 @@ def _summary(base: nn.Module, final: nn.Module, data: DataBundle, cfg: dict[str,
         "search_seconds": result.seconds if result else 0.0, "retrain_seconds": retrain_s,
         "trials": len(result.trials) if result else 0,
         "seconds_per_trial": _mean([t["seconds"] for t in result.trials]) if result else 0.0,
-        "machine": f"{platform.machine()} {platform.processor()} threads={torch.get_num_threads()}",
+        "machine": machine_description(),
     }
     if cfg["search"]["export_onnx"]:
         try:
