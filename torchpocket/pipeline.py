@@ -541,6 +541,11 @@ def finalize(
         "learner": run["learner"], "hpo": run["hpo"], "target": run["target"],
         "meaning": getattr(learner, "policy_name", "ratio"), "layers": policy_map}))
     summary = _summary(base.cpu(), final.cpu(), data, cfg, test_base, test_final, result, retrain_s, run_dir)
+    if getattr(getattr(learner, "config", None), "resource", None) == "latency" and result is not None:
+        pred = learner.latency_summary(policy)  # HAQ-style lookup table vs what the final model measures
+        pred["measured_ms_b1"] = summary["compressed"]["latency_ms_b1"]
+        summary["latency_prediction"] = pred
+        print(f"latency: predicted {json.dumps(pred)}", flush=True)
     extra = learner.export(final, run_dir.path, torch.zeros(1, *_input_shape(data)))
     if extra:
         summary["export"] = extra

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,15 @@ from torchpocket.config import SECTIONS
 from torchpocket.datasets import DATASETS
 from torchpocket.errors import UserError
 from torchpocket.learners import LEARNERS
-from torchpocket.learners.channel_graph import apply_ops, find_channel_groups, keep_counts
+from torchpocket.learners.channel_graph import (
+    LatencyEntry,
+    apply_ops,
+    find_channel_groups,
+    isotonic,
+    keep_counts,
+    monotone_table,
+    width_grid,
+)
 from torchpocket.learners.chn_pruned import ChnConfig, ChnPrunedLearner, sample_rows
 from torchpocket.learners.training import TrainConfig
 
@@ -295,5 +304,115 @@ def test_registered_with_config_section_and_flags() -> None:
     flags = {f.name: f.metadata["flag"] for f in dataclasses.fields(ChnConfig)}
     assert flags == {"select": "--cp-select", "reconstruct": "--cp-reconstruct", "channel_round": "--channel-round",
                      "calib_batches": "--calib-batches", "points_per_layer": "--cp-points", "coupled": "--cp-coupled",
-                     "resource": "--resource", "low": "--cp-low", "high": "--cp-high"}
+                     "resource": "--resource", "latency_batch": "--latency-batch", "lut_repeats": "--lut-repeats",
+                     "lut_points": "--lut-points", "lut_cache": "--lut-cache", "low": "--cp-low", "high": "--cp-high"}
+    assert "latency" in next(f for f in dataclasses.fields(ChnConfig) if f.name == "resource").metadata["choices"]
     assert all(f.metadata["help"] for f in dataclasses.fields(ChnConfig))
+
+
+# -- --resource latency ---------------------------------------------------------------------------
+
+FAST_LUT = {"select": "l1", "reconstruct": False, "lut_repeats": 2, "lut_points": 3}
+
+
+def test_latency_budget_is_met_by_projected_policies() -> None:
+    model = build_net("user").eval()  # concat, depthwise conv, residual add, Linear head
+    lrn = learner(model, resource="latency", coupled="prune", **FAST_LUT)
+    lat = lrn.latency_model()
+    assert lrn.latency_model() is lat  # built once in prepare(), then reused
+    target = 0.5 * (1 + lat.predict([ChnConfig.low] * lrn.cost.n_groups) / lat.full)  # reachable whatever the timings
+    space = lrn.search_space(model, target)
+    assert lrn.latency_model() is lat and space.meta["latency"]["layers"] == len(lat.entries)
+    b = space.budget
+    assert b.unit == "latency" and b.full == lat.full > 0
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        policy = b.project(rng.uniform(space.lows, space.highs))
+        pred = lrn.predicted_latency(policy)
+        assert pred == b.cost(policy) <= target * lat.full * (1 + 1e-9)
+        assert pred == lrn.predicted_latency(list(policy))  # deterministic once built
+        per_group = b.layer_costs(policy)
+        assert len(per_group) == len(space) and all(c >= 0 for c in per_group)
+        assert sum(per_group) <= pred * (1 + 1e-12)
+        for i in range(len(space)):  # non-decreasing in every preserve ratio (the Budget's bisection relies on it)
+            up = list(policy)
+            up[i] = min(1.0, up[i] + 0.3)
+            assert lrn.predicted_latency(up) >= pred * (1 - 1e-12)
+    cand = lrn.compress(model, policy)
+    assert cand(data().val.x[:2]).shape == (2, 10)
+    summary = lrn.latency_summary(policy)
+    assert summary["predicted_ms"] == pytest.approx(1e3 * pred) and summary["batch"] == 1
+    assert summary["predicted_ratio"] <= target * (1 + 1e-9) and summary["lut_build_seconds"] > 0
+
+
+def test_latency_table_is_monotone_and_full_at_ones() -> None:
+    model = build_net("user").eval()
+    lrn = learner(model, resource="latency", coupled="prune", latency_batch=2, **FAST_LUT)
+    lat = lrn.latency_model()
+    assert lat.meta["batch"] == 2 and lat.meta["threads"] == torch.get_num_threads()
+    mods = dict(model.named_modules())
+    assert {e.name for e in lat.entries} == {n for n, m in mods.items() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    for e in lat.entries:
+        assert (np.diff(e.table, axis=0) >= 0).all() and (np.diff(e.table, axis=1) >= 0).all(), e.name
+        assert (e.table > 0).all() and len(e.cin) <= 3 and len(e.cout) <= 3
+        m = mods[e.name]
+        full_out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+        assert e.cout[-1] == full_out  # the full width is always timed
+        if not (isinstance(m, nn.Conv2d) and m.groups > 1):
+            assert e.cin[-1] == fan_in(m)
+    assert any(e.table.shape[0] > 1 and e.table.shape[1] > 1 for e in lat.entries)  # both widths vary (a1.0)
+    assert next(e for e in lat.entries if e.name == "a1.0").extras == ["a1.1", "a1.2"]  # its BN and ReLU
+    ones = [1.0] * lrn.cost.n_groups
+    lut_total = lat.rest + sum(e.calls * e.table[-1, -1] for e in lat.entries)
+    assert lrn.predicted_latency(ones) == pytest.approx(lut_total, rel=1e-12) == lat.full
+    assert lat.rest == pytest.approx(max(0.0, lat.measured_full - (lut_total - lat.rest)), abs=1e-12)
+
+
+def test_latency_interpolation_and_grid() -> None:
+    e = LatencyEntry("x", 0, 2, np.array([4.0, 8.0]), np.array([1.0, 3.0]), np.array([[1.0, 2.0], [3.0, 5.0]]), [])
+    assert e.at(4, 1) == 2 * 1.0 and e.at(8, 3) == 2 * 5.0
+    assert e.at(6, 2) == pytest.approx(2 * 2.75)  # bilinear
+    assert e.at(100, 100) == 2 * 5.0 and e.at(0, 0) == 2 * 1.0  # flat outside the grid
+    assert isotonic(np.array([5.0, 1.0, 2.0, 3.0, 4.0])).tolist() == pytest.approx([8 / 3, 8 / 3, 8 / 3, 3, 4])
+    t = monotone_table(np.random.default_rng(0).normal(size=(4, 5)))
+    assert (np.diff(t, axis=0) >= 0).all() and (np.diff(t, axis=1) >= 0).all()
+    assert width_grid(3, 16, 6).tolist() == [3, 6, 8, 11, 13, 16]
+    assert width_grid(4, 16, 6, np.array([4, 8, 12, 16, 16])).tolist() == [4, 8, 12, 16]  # rounding: exact widths
+    assert width_grid(5, 5, 4).tolist() == [5]
+
+
+def test_latency_rounded_widths_and_other_resources() -> None:
+    model = TwoConv().eval()
+    lrn = learner(model, **{**FAST_LUT, "channel_round": 8, "lut_points": 8})  # flops: the table is built on use
+    assert lrn._latency is None
+    (e,) = [e for e in lrn.latency_model().entries if e.name == "conv2"]
+    assert e.cin.tolist() == [8, 16, 24] and e.cout.tolist() == [16]
+    (e1,) = [e for e in lrn.latency_model().entries if e.name == "conv1"]
+    assert e1.cin.tolist() == [3] and e1.cout.tolist() == [8, 16, 24]
+    assert lrn.predicted_latency([0.2]) <= lrn.predicted_latency([1.0]) == lrn.latency_model().full
+    assert lrn.search_space(model, 0.5).budget.unit == "flops"
+
+
+def test_latency_table_cached_on_disk(tmp_path: Path) -> None:
+    model = TwoConv().eval()
+    first = learner(model, resource="latency", lut_cache=str(tmp_path), **FAST_LUT)
+    (path,) = tmp_path.glob("lut-*.json")
+    again = learner(model, resource="latency", lut_cache=str(tmp_path), **FAST_LUT)
+    a, b = first.latency_model(), again.latency_model()
+    assert b.meta["loaded_from"] == str(path) and "loaded_from" not in a.meta
+    assert [e.table.tolist() for e in a.entries] == [e.table.tolist() for e in b.entries]
+    assert b.full == a.full and again.predicted_latency([0.5]) == first.predicted_latency([0.5])
+    other = learner(model, resource="latency", lut_cache=str(tmp_path), latency_batch=2, **FAST_LUT)
+    assert "loaded_from" not in other.latency_model().meta and len(list(tmp_path.glob("lut-*.json"))) == 2
+    path.write_text(path.read_text().replace('"name": "conv2"', '"name": "nope"'))
+    with pytest.warns(UserWarning, match="ignoring the latency table"):
+        rebuilt = learner(model, resource="latency", lut_cache=str(tmp_path), **FAST_LUT)
+    assert "loaded_from" not in rebuilt.latency_model().meta
+
+
+@pytest.mark.parametrize(("option", "value", "match"), [("latency_batch", 0, "latency-batch"),
+                                                         ("lut_repeats", 0, "lut-repeats"),
+                                                         ("lut_points", 1, "lut-points")])
+def test_bad_latency_options_are_user_errors(option: str, value: int, match: str) -> None:
+    with pytest.raises(UserError, match=match):
+        ChnPrunedLearner(config=ChnConfig(resource="latency", **{option: value}))

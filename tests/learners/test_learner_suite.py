@@ -10,7 +10,9 @@ Expectations that depend on what a learner's Budget measures are keyed by its
 its measured resource must equal the Budget's figure, sit at or under the target
 and within ``tol`` (absolute fraction of the original) of it, and the policy at
 the upper bounds must reproduce the original outputs. Other units (bits, ...)
-get the unit-independent checks only until they add a row to ``EXPECT``.
+get the unit-independent checks only until they add a row to ``EXPECT``. A learner whose
+Budget counts something other than the physical model names it in ``SearchSpace.meta["measure"]``
+(``nonzero-weights``: unstructured sparsity, same shapes, counted as non-zero Conv / Linear weights).
 """
 
 from __future__ import annotations
@@ -92,9 +94,17 @@ class Expect:
     tol: float = 0.02  # fill=True lands within tol (fraction of the original) under the target
 
 
+def layer_weights(model: nn.Module, *, nonzero: bool) -> int:
+    """Weights of the Conv2d / Linear layers (each tensor once), all or only the non-zero ones."""
+    ws = {id(m.weight): m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    return sum(int((w != 0).sum()) if nonzero else w.numel() for w in ws.values())
+
+
 EXPECT: dict[str, Expect] = {
     "flops": Expect(lambda c, o, x: flops_of(c, x) / flops_of(o, x), True, True),
     "params": Expect(lambda c, o, x: n_params(c) / n_params(o), True, True),
+    "nonzero-weights": Expect(
+        lambda c, o, x: layer_weights(c, nonzero=True) / layer_weights(o, nonzero=False), False, True, tol=0.01),
 }
 
 
@@ -163,7 +173,7 @@ def test_learner_contract(learner_name: str, net: str, target: float, tmp_path: 
         out = cand(x)
     assert out.shape == ref.shape and torch.isfinite(out).all()
 
-    expect = EXPECT.get(budget.unit, Expect())
+    expect = EXPECT.get(space.meta.get("measure", budget.unit), Expect())
     if expect.measure is not None:
         ratio = expect.measure(cand, model, x[:1])
         assert ratio == pytest.approx(budget.fraction(policy), rel=1e-6, abs=1e-9), "Budget disagrees with the model"

@@ -18,4 +18,4 @@ def create_learner(name: str, **kwargs: Any) -> Learner:
     return LEARNERS.get(name)(**kwargs)
 
 
-from torchpocket.learners import chn_pruned, full_prec  # noqa: E402,F401  (fill the registry)
+from torchpocket.learners import chn_pruned, full_prec, weight_sparse  # noqa: E402,F401  (fill the registry)

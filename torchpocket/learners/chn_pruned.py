@@ -22,6 +22,10 @@ Neural Networks" (He et al. 2017), as in PocketFlow's ChannelPrunedLearner:
   the L1 norm of every coupled layer's weights (group importance);
 * ``reconstruct``: each consumer's remaining weights are re-fitted by (ridge-toward-the-
   original) least squares so its output on the calibration points is preserved;
+* ``resource = "latency"`` (HAQ's idea, applied to channel pruning): the Budget constrains the
+  latency predicted by a per-layer lookup table timed on this machine at a grid of widths
+  (:class:`~torchpocket.learners.channel_graph.LatencyModel`); :meth:`predicted_latency` gives
+  the prediction for any policy, to compare with the final model's measured latency;
 * the cut is real: Torch-Pruning's pruning functions shrink Conv2d / BatchNorm / Linear
   layers, and the list of cuts is the architecture record that :meth:`rebuild` replays.
 """
@@ -29,9 +33,13 @@ Neural Networks" (He et al. 2017), as in PocketFlow's ChannelPrunedLearner:
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
+import json
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,10 +57,13 @@ from torchpocket.learners.channel_graph import (
     ChannelGroup,
     CostModel,
     GraphInfo,
+    LatencyModel,
     apply_ops,
+    build_latency_model,
     example_input,
     find_channel_groups,
 )
+from torchpocket.utils import atomic_write_text, machine_description
 
 ARCH_ATTR = "_torchpocket_chn_arch"  # the pruning record rides on the pruned module (survives deepcopy)
 _RIDGE = 1e-3  # least squares: pull toward the original weights, relative to the Gram matrix's mean diagonal
@@ -75,7 +86,18 @@ class ChnConfig:
                                 flag="--cp-points")
     coupled: str = opt("skip", "channels tied by residual additions: leave them alone, or prune them together "
                        "(ranked by group L1 norm)", flag="--cp-coupled", choices=("skip", "prune"))
-    resource: str = opt("flops", "what --target constrains", flag="--resource", choices=("flops", "params"))
+    resource: str = opt("flops", "what --target constrains (latency: predicted by a lookup table of per-layer "
+                        "timings on this machine, built once)", flag="--resource",
+                        choices=("flops", "params", "latency"))
+    latency_batch: int = opt(1, "batch size of the latency lookup table's timings (--resource latency)",
+                             flag="--latency-batch")
+    lut_repeats: int = opt(10, "timed runs per layer and width in the latency lookup table (median, after 3 "
+                           "warm-up runs)", flag="--lut-repeats")
+    lut_points: int = opt(6, "widths per dimension (input, output) timed per layer in the latency lookup table, "
+                          "from the narrowest allowed to the full width", flag="--lut-points")
+    lut_cache: str | None = opt(None, "folder keeping latency lookup tables for later runs with the same network, "
+                                "input, batch, threads, machine and table options (default: build in every run)",
+                                flag="--lut-cache")
     low: float = opt(0.2, "smallest preserve ratio of a layer's input channels (AMC: 0.2)", flag="--cp-low")
     high: float = opt(1.0, "largest preserve ratio of a layer's input channels", flag="--cp-high")
 
@@ -176,12 +198,20 @@ class ChnPrunedLearner(Learner):
                             f"{c.points_per_layer}")
         if not 0 < c.low <= c.high <= 1:
             raise UserError(f"need 0 < --cp-low <= --cp-high <= 1, got {c.low} and {c.high}")
+        if c.latency_batch < 1 or c.lut_repeats < 1:
+            raise UserError(f"--latency-batch and --lut-repeats must be at least 1, got {c.latency_batch} and "
+                            f"{c.lut_repeats}")
+        if c.lut_points < 2:
+            raise UserError(f"--lut-points must be at least 2 (the narrowest and the full width), got {c.lut_points}")
         self.info: GraphInfo | None = None
         self.cost: CostModel | None = None
         self._calib: dict[str, _Calib] = {}
         self._orders: dict[int, np.ndarray] = {}  # l1 / random rankings, per group
         self._lasso: dict[int, _LassoPath] = {}  # built on first use
         self._input_shape: list[int] = []
+        self._example: Tensor | None = None
+        self._model: nn.Module | None = None  # the prepared (original) model, for the latency table
+        self._latency: LatencyModel | None = None  # built on first use, then reused
 
     # -- prepare: graph, costs and calibration, once --------------------------------------------
     def prepare(self, model: nn.Module, data: DataBundle) -> None:
@@ -192,6 +222,9 @@ class ChnPrunedLearner(Learner):
         self._input_shape = list(example.shape)
         self.info = find_channel_groups(model, example, coupled=c.coupled)
         self.cost = CostModel(self.info, round_to=c.channel_round)
+        self._example, self._model, self._latency = example, model, None
+        if c.resource == "latency":
+            self.latency_model()
         need = set()
         for g in self.info.groups:
             if c.reconstruct or (c.select == "lasso" and not g.coupled):
@@ -338,13 +371,77 @@ class ChnPrunedLearner(Learner):
                 kernel=geom.kernel[0], params=int(sum(p.numel() for n in g.consumers for p in mods[n].parameters())),
                 flops=int(full_flops[i]), low=c.low, high=c.high,
             ))
-        budget = Budget(
-            cost_fn=lambda p: cost.cost(p, res), full=cost.cost([1.0] * len(layers), res), target=target,
-            lows=[c.low] * len(layers), highs=[c.high] * len(layers),
-            layer_cost_fn=lambda p: cost.layer_costs(p, res), fill=fill, unit=res,
-        )
-        return SearchSpace(layers, budget, meta={"resource": res, "skipped": dict(info.skipped),
-                                                 "policy": "preserve ratio of each layer's input channels"})
+        meta: dict[str, Any] = {"resource": res, "skipped": dict(info.skipped),
+                                "policy": "preserve ratio of each layer's input channels"}
+        if res == "latency":
+            lat = self.latency_model()
+            cost_fn, layer_cost_fn, full = lat.predict, lat.layer_costs, lat.full
+            meta["latency"] = dict(lat.meta)
+        else:
+            cost_fn = functools.partial(cost.cost, resource=res)
+            layer_cost_fn = functools.partial(cost.layer_costs, resource=res)
+            full = cost.cost([1.0] * len(layers), res)
+        budget = Budget(cost_fn=cost_fn, full=full, target=target, lows=[c.low] * len(layers),
+                        highs=[c.high] * len(layers), layer_cost_fn=layer_cost_fn, fill=fill, unit=res)
+        return SearchSpace(layers, budget, meta=meta)
+
+    # -- latency ----------------------------------------------------------------------------------
+    def latency_model(self) -> LatencyModel:
+        """The per-layer latency lookup table of the prepared model, timed on this machine on first use."""
+        if self._latency is None:
+            if self.cost is None or self._model is None or self._example is None:
+                raise RuntimeError("chn-pruned: call prepare(model, data) before asking for latencies")
+            c = self.config
+            path = Path(c.lut_cache) / f"lut-{self._lut_key()}.json" if c.lut_cache else None
+            if path is not None and path.is_file():
+                try:
+                    self._latency = LatencyModel.from_dict(self.cost, json.loads(path.read_text()))
+                except (ValueError, KeyError, TypeError) as e:
+                    warnings.warn(f"ignoring the latency table {path}: {e}", stacklevel=2)
+                else:
+                    if not self.quiet:
+                        print(f"chn-pruned: latency lookup table loaded from {path}", flush=True)
+                    self._latency.meta["loaded_from"] = str(path)
+                    return self._latency
+            self._latency = build_latency_model(
+                self._model, self._example, self.cost, low_policy=[c.low] * self.cost.n_groups,
+                batch=c.latency_batch, repeats=c.lut_repeats, points=c.lut_points, device=self.device)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(path, json.dumps(self._latency.to_dict()))
+            m = self._latency.meta
+            if not self.quiet:
+                print(f"chn-pruned: latency lookup table of {m['layers']} layers ({m['timings']} timings, batch "
+                      f"{m['batch']}, {m['threads']} threads) built in {m['build_seconds']:.1f}s; predicted "
+                      f"{1e3 * self._latency.full:.3f} ms, measured {1e3 * self._latency.measured_full:.3f} ms",
+                      flush=True)
+        return self._latency
+
+    def _lut_key(self) -> str:
+        """What the latency table depends on: network, input, machine (threads included), grid and table options."""
+        assert self.info is not None and self.cost is not None
+        c = self.config
+        key = {"model": str(self._model), "input": self._input_shape[1:], "batch": c.latency_batch,
+               "machine": machine_description(), "device": str(self.device), "repeats": c.lut_repeats,
+               "points": c.lut_points, "low": c.low, "round": c.channel_round, "dtype": str(self._example.dtype),
+               "groups": [[g.name, g.units, [len(k) for k in g.classes]] for g in self.info.groups]}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+    def predicted_latency(self, policy: Policy) -> float:
+        """Seconds per forward pass (of ``--latency-batch`` samples) of the model pruned by ``policy``,
+        predicted from the lookup table (built on first use, also when ``--resource`` is not latency)."""
+        return self.latency_model().predict(policy)
+
+    def latency_summary(self, policy: Policy) -> dict[str, Any]:
+        """Predicted latency of ``policy`` and of the full model, with how the table was built (for summary.json)."""
+        lat = self.latency_model()
+        pred = lat.predict(policy)
+        return {"predicted_ms": 1e3 * pred, "predicted_full_ms": 1e3 * lat.full,
+                "predicted_ratio": pred / lat.full if lat.full > 0 else float("nan"),
+                "measured_full_ms_at_build": 1e3 * lat.measured_full, "batch": lat.meta["batch"],
+                "threads": lat.meta["threads"], "device": lat.meta["device"], "lut_layers": lat.meta["layers"],
+                "lut_timings": lat.meta["timings"], "lut_build_seconds": lat.meta["build_seconds"],
+                "lut_loaded_from": lat.meta.get("loaded_from")}
 
     def compress(self, model: nn.Module, policy: Policy) -> nn.Module:
         """A pruned copy of ``model``: selection, reconstruction, then the cut (``model`` is untouched)."""
