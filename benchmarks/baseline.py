@@ -6,7 +6,7 @@ training epoch's steps through the real loader vs the same number of bare
 forward/backward steps on the same, pre-fetched batches; median of repeats).
 Writes the checkpoint that the default preset and the other benchmarks use.
 
-    python benchmarks/baseline.py --epochs 12 --threads 1 --out benchmarks/resnet20-fashion-mnist.pt
+    python benchmarks/baseline.py --epochs 12 --out benchmarks/resnet20-fashion-mnist.pt
 """
 
 from __future__ import annotations
@@ -72,12 +72,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    # everything the end of the run needs is imported and built now: a 30-minute job must not pick up
+    # half-edited modules through a lazy import when it saves
+    config = default_config()
+    config["run"].update(net=args.net, dataset=args.dataset, seed=args.seed)
+    config["train"].update(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
+    machine = machine_description()
     seed_everything(args.seed)
     data = load_dataset(args.dataset, seed=0)
     print(data.sizes(), flush=True)
     model = create_net(args.net, in_channels=data.in_channels, num_classes=data.num_classes)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
-    ratio = pipeline_ratio(model, data, cfg, repeats=1 if not args.ratio_only else 3)
+    ratio = pipeline_ratio(model, data, cfg, repeats=3)
     print(f"input-pipeline ratio (loader steps / bare steps, median of 3): {ratio:.3f}", flush=True)
     if args.ratio_only:
         return
@@ -88,11 +94,8 @@ def main() -> None:
     total = time.perf_counter() - start
     test_acc = evaluate(model, data.loader("test", batch_size=512), device=dev)
     sec_epoch = statistics.median(h["seconds"] for h in history)
-    config = default_config()
-    config["run"].update(net=args.net, dataset=args.dataset, seed=args.seed)
-    config["train"].update(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
     metrics = {"test_acc": test_acc, "val_acc": history[-1]["val_acc"], "seconds_per_epoch": sec_epoch,
-               "train_seconds": total, "pipeline_ratio": ratio, "machine": machine_description(),
+               "train_seconds": total, "pipeline_ratio": ratio, "machine": machine,
                "threads": torch.get_num_threads()}
     save_model(args.out, model.to(memory_format=torch.contiguous_format), config=config, net=args.net,
                in_channels=data.in_channels, num_classes=data.num_classes, image_size=data.image_size, metrics=metrics)
