@@ -25,6 +25,7 @@ class Optimizer(ABC):
     """
 
     parallel: ClassVar[bool] = False
+    Config: ClassVar[type | None] = None  # the optimizer's config dataclass (its section), if it has options
 
     def __init__(self, space: SearchSpace, *, seed: int = 0, total_trials: int = 0, config: Any = None,
                  storage: str | None = None, study_name: str | None = None) -> None:
@@ -35,7 +36,7 @@ class Optimizer(ABC):
 
     @classmethod
     def default_config(cls) -> Any:
-        return None
+        return cls.Config() if cls.Config is not None else None
 
     @abstractmethod
     def ask(self) -> Policy:

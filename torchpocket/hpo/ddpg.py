@@ -155,10 +155,6 @@ class DDPG(Optimizer):
     Config: ClassVar[type] = DDPGConfig  # its config section, for the pipeline
     section: ClassVar[str] = "ddpg"
 
-    @classmethod
-    def default_config(cls) -> DDPGConfig:
-        return DDPGConfig()
-
     def __init__(self, space: SearchSpace, **kw: Any) -> None:
         super().__init__(space, **kw)
         cfg = self.config = _as_config(self.config)

@@ -68,10 +68,6 @@ class GPOptimizer(Optimizer):
     Config: ClassVar[type] = GPConfig  # its config section, for the pipeline
     section: ClassVar[str] = "gp"
 
-    @classmethod
-    def default_config(cls) -> GPConfig:
-        return GPConfig()
-
     def __init__(self, space: SearchSpace, **kw: Any) -> None:
         super().__init__(space, **kw)
         if isinstance(self.config, dict):
