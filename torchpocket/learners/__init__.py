@@ -18,4 +18,14 @@ def create_learner(name: str, **kwargs: Any) -> Learner:
     return LEARNERS.get(name)(**kwargs)
 
 
-from torchpocket.learners import chn_pruned, full_prec, weight_sparse  # noqa: E402,F401  (fill the registry)
+def _import_all() -> None:
+    """Import every module of this package once, so each learner registers itself."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all()
