@@ -5,3 +5,7 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input from the user (a flag, a file, a name). Never a bug."""
+
+
+class UnsupportedModel(UserError):
+    """A learner cannot handle this architecture (it says which part and why)."""
