@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Channel pruning (``chn-pruned``): accuracy at several FLOPs targets, channel selection, and real speed.
 
-Three tables, all from one process (data and baseline loaded once; each seed's learner calibrated once
+Four tables, all from one process (data and baseline loaded once; each seed's learner calibrated once
 and shared by every optimizer and target):
 
 1. at each FLOPs target, for each optimizer (default uniform, ddpg, gp, tpe): the best candidate's
@@ -13,7 +13,10 @@ and shared by every optimizer and target):
    without reconstruction vs random, validation accuracy before any fine-tuning;
 3. speed of the pruned model at ``--speed-target`` vs the baseline in the same process: PyTorch eager
    (``compare_latency``: interleaved, median of repeats) and ONNX Runtime (both exported, alternated
-   round by round, median) at batch 1 and 64, for each ``--speed-channel-rounds`` value.
+   round by round, median) at batch 1 and 64, for each ``--speed-channel-rounds`` value;
+4. ``--resource latency`` vs ``--resource flops`` at the same target: the uniform policy and a
+   ``--resource-search`` optimizer's policy under each budget, predicted vs measured speedup and the
+   accuracy they cost.
 
 Regenerates the README's channel-pruning tables and plot:
 
@@ -49,6 +52,7 @@ from _common import (
 )
 from torch import nn
 
+from torchpocket.errors import UserError
 from torchpocket.profile import compare_latency, profile_model
 
 OPTIMIZERS = ("uniform", "ddpg", "gp", "tpe")
@@ -223,6 +227,82 @@ def speed_table(bench: Bench, runs: dict[tuple[float, str], list[Run]]) -> str:
     return text
 
 
+def resource_table(bench: Bench) -> str:
+    """``--resource flops`` vs ``--resource latency`` at the speed target: what a latency budget buys, measured.
+
+    For each resource (latency: a lookup table timed at each of ``--latency-lut-batches``), the uniform policy
+    that meets the target and, when ``--resource-search`` names an optimizer, that optimizer's best policy
+    (seed 0's search at the same episodes): predicted and measured speedup, FLOPs kept, val acc before fine-tuning.
+    """
+    a = bench.args
+    t, rnd = a.speed_target, a.resource_channel_round
+    shape = bench.input_shape
+    base = copy.deepcopy(bench.base).cpu().eval().to(memory_format=torch.contiguous_format)
+    threads = torch.get_num_threads()
+    configs: list[tuple[str, dict[str, Any]]] = []
+    for coupled in a.resource_coupled:
+        configs.append((f"flops, coupled {coupled}", {"channel_round": rnd, "coupled": coupled}))
+        configs += [(f"latency (LUT batch {b}), coupled {coupled}",
+                     {"channel_round": rnd, "coupled": coupled, "resource": "latency", "latency_batch": b})
+                    for b in a.latency_lut_batches]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="torchpocket-resource-") as tmp:
+        base_onnx = _export(base, Path(tmp) / "baseline.onnx", shape)
+        for label, chn in configs:
+            seed = a.seeds[0]
+            t0 = time.perf_counter()
+            learner = bench.learner(seed, **chn)
+            prep = time.perf_counter() - t0
+            try:
+                policies = [("uniform", learner.search_space(bench.base, t).budget.uniform(), float("nan"))]
+            except UserError as e:  # e.g. a batch-1 latency target below what the narrowest widths reach
+                rows.append([label, "-", "", "", f"unreachable: {e}".split(";")[0]] + [""] * (2 * len(a.batch_sizes))
+                            + [f"{prep:.0f}", ""])
+                print(f"  resource: {label}: {e}", flush=True)
+                continue
+            if a.resource_search:
+                run = bench.search(a.resource_search, seed=seed, target=t, **chn)
+                policies.append((f"`{a.resource_search}`", run.result.best_policy, run.result.seconds))
+            for pname, policy, search_s in policies:
+                pruned: nn.Module = learner.compress(bench.base, policy).to(bench.device).eval()
+                val = bench.reward_acc(pruned)
+                pruned = pruned.cpu().to(memory_format=torch.contiguous_format)
+                lat_pred = learner.latency_summary(policy)
+                flops = profile_model(pruned, shape).flops / profile_model(base, shape).flops
+                row = [label, pname, f"{flops:.3f}", f"{val:.2f}",
+                       f"{1 / lat_pred['predicted_ratio']:.2f}x (b{lat_pred['batch']})"]
+                pruned_onnx = _export(pruned, Path(tmp) / f"pruned-{len(rows)}.onnx", shape)
+                for bs in a.batch_sizes:
+                    lat = compare_latency({"baseline": base, "pruned": pruned}, shape, batch_size=bs,
+                                          repeats=a.latency_repeats)
+                    row.append(f"{lat['baseline'] / lat['pruned']:.2f}x")
+                for bs in a.batch_sizes:
+                    if base_onnx is None or pruned_onnx is None:
+                        row.append("skipped")
+                        continue
+                    lat = _onnx_latencies({"baseline": base_onnx, "pruned": pruned_onnx}, shape, batch_size=bs,
+                                          rounds=max(1, a.latency_repeats // 5), threads=threads)
+                    row.append(f"{lat['baseline'] / lat['pruned']:.2f}x")
+                row += [f"{prep:.0f}", "" if search_s != search_s else f"{search_s:.0f}"]
+                rows.append(row)
+                print(f"  resource: {label}, {pname}: " + " ".join(map(str, row[2:])), flush=True)
+                prep = 0.0
+    head = (["--resource, --cp-coupled", "policy", "FLOPs kept", "val acc, no FT (%)", "predicted speedup"]
+            + [f"eager b{bs}" for bs in a.batch_sizes] + [f"ORT b{bs}" for bs in a.batch_sizes]
+            + ["prepare + LUT s", "search s"])
+    text = (f"### `--resource latency` vs `--resource flops` at target {t:g} (channel round {rnd}, CPU, "
+            f"threads={threads})\n\n")
+    text += md_table(head, rows, right=[False, False] + [True] * (len(head) - 2))
+    text += (f"\nTarget {t:g} of the resource named in the first column: FLOPs, or the latency the lookup table "
+             "predicts (per-layer timings at each width on this machine, PyTorch eager, batch in brackets). "
+             "--cp-coupled prune also removes channels tied by residual additions (ranked by group L1 norm). "
+             "Measured speedups: pruned vs baseline in this process, eager interleaved medians and ONNX Runtime "
+             "alternating rounds as in the table above. val acc: first "
+             f"{bench.reward_size} validation images with reconstruction, no fine-tuning (seed {a.seeds[0]}). "
+             "prepare + LUT s: calibration plus building the lookup table (timed once per configuration).\n")
+    return text
+
+
 def _export(model: nn.Module, path: Path, shape: tuple[int, ...]) -> Path | None:
     try:
         from torchpocket.export import export_onnx
@@ -275,7 +355,16 @@ def main() -> None:
                     help="table 3's --channel-round rows (default: %(default)s)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="table 3's batch sizes")
     ap.add_argument("--latency-repeats", type=int, default=50, help="timed repeats per latency (default: %(default)s)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["selection", "speed"], help="leave out table 2 / 3")
+    ap.add_argument("--latency-lut-batches", type=int, nargs="+", default=[1, 64],
+                    help="table 4's --latency-batch rows for --resource latency (default: %(default)s)")
+    ap.add_argument("--resource-channel-round", type=int, default=8,
+                    help="table 4's --channel-round (default: %(default)s)")
+    ap.add_argument("--resource-coupled", nargs="+", default=["skip", "prune"], choices=["skip", "prune"],
+                    help="table 4's --cp-coupled rows (default: %(default)s)")
+    ap.add_argument("--resource-search", default="ddpg",
+                    help="table 4: also search with this optimizer under each resource (seed 0; '' = uniform only)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["selection", "speed", "resource"],
+                    help="leave out table 2 / 3 / 4")
     args = ap.parse_args()
     if args.selection_policies is None:
         args.selection_policies = ["uniform"] + (["ddpg"] if "ddpg" in args.optimizers else [])
@@ -307,6 +396,8 @@ def main() -> None:
         text += "\n" + sel_text
     if "speed" not in args.skip:
         text += "\n" + speed_table(bench, runs)
+    if "resource" not in args.skip:
+        text += "\n" + resource_table(bench)
     text += f"\nWhole benchmark: {time.perf_counter() - start:.0f}s wall.\n"
     emit(text, args.out, first=True)
     if args.plot:
