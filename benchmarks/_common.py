@@ -1,9 +1,9 @@
-"""Shared helpers of ``benchmarks/ablation.py`` and ``benchmarks/chn_pruned.py`` (not a benchmark itself).
+"""Shared helpers of the benchmark scripts (``ablation.py``, ``chn_pruned.py``, ``weight_sparse.py``; not a benchmark).
 
-Both scripts run every configuration in one process through the library's own pipeline functions
+The scripts run every configuration in one process through the library's own pipeline functions
 (``load_data``, ``resolve_baseline``, ``make_learner``, ``search``): the data and the baseline are
-loaded once, and one ``chn-pruned`` learner per (seed, learner options) is prepared (calibrated) once
-and reused by every optimizer and target of that seed: searches run with
+loaded once, and one learner (``chn-pruned`` unless a script names another) per (seed, learner
+options) is prepared (calibrated) once and reused by every optimizer and target of that seed: searches run with
 ``pipeline.search(..., prepare=False)``, which gives the same candidates (``prepare`` is deterministic in
 the learner's seed) without re-sampling the calibration feature maps or re-computing the cached LASSO paths.
 """
@@ -182,6 +182,7 @@ class Run:
     flops_kept: float = float("nan")
     params_kept: float = float("nan")
     retrain_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)  # what a benchmark records beside (sizes, ...)
 
     @property
     def candidate_seconds(self) -> list[float]:
@@ -204,6 +205,8 @@ class Bench:
     reward_size: int
     learners: dict[tuple[Any, ...], Any] = field(default_factory=dict)
     prepare_s: dict[tuple[Any, ...], float] = field(default_factory=dict)
+    learner_name: str = LEARNER
+    section: str = "chn"  # the learner's config section: the options ``learner(seed, **opts)`` may vary
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -211,20 +214,21 @@ class Bench:
 
     def config(self, *, hpo: str, seed: int, target: float, episodes: int, **chn: Any) -> dict[str, Any]:
         cfg = copy.deepcopy(self.cfg)
-        cfg["run"].update(hpo=hpo, seed=seed, target=target)
+        cfg["run"].update(learner=self.learner_name, hpo=hpo, seed=seed, target=target)
         cfg["search"]["episodes"] = episodes
-        cfg["chn"].update(self._chn(chn))
+        cfg[self.section].update(self._chn(chn))
         return cfg
 
     def _chn(self, chn: dict[str, Any]) -> dict[str, Any]:
-        """``chn`` options that differ from the benchmark's defaults (so equal learners share one key)."""
+        """Learner options that differ from the benchmark's defaults (so equal learners share one key)."""
         for k in chn:
-            if k not in self.cfg["chn"]:
-                raise UserError(f"unknown chn-pruned option {k!r}; valid: {', '.join(self.cfg['chn'])}")
-        return {k: v for k, v in chn.items() if self.cfg["chn"][k] != v}
+            if k not in self.cfg[self.section]:
+                raise UserError(f"unknown {self.learner_name} option {k!r}; "
+                                f"valid: {', '.join(self.cfg[self.section])}")
+        return {k: v for k, v in chn.items() if self.cfg[self.section][k] != v}
 
     def learner(self, seed: int, **chn: Any) -> Any:
-        """The prepared learner for ``seed`` and these ``chn`` options (built and calibrated on first use)."""
+        """The prepared learner for ``seed`` and these options (built and calibrated on first use)."""
         chn = self._chn(chn)
         key = (seed, *sorted(chn.items()))
         if key not in self.learners:
@@ -232,7 +236,8 @@ class Bench:
             learner = make_learner(cfg, self.device)
             t0 = time.perf_counter()
             learner.prepare(self.base, self.data)
-            self._warm(learner, chn.get("channel_round", self.cfg["chn"]["channel_round"]))
+            if self.learner_name == LEARNER:
+                self._warm(learner, chn.get("channel_round", self.cfg["chn"]["channel_round"]))
             self.prepare_s[key] = time.perf_counter() - t0
             self.learners[key] = learner
         return self.learners[key]
@@ -256,8 +261,11 @@ class Bench:
             result = search(learner, self.base, self.data, cfg, run_dir=None, device=self.device, prepare=False)
         return Run(optimizer, target, seed, result, val_acc=result.best_val_acc)
 
-    def retrain_and_test(self, run: Run, **chn: Any) -> Run:
-        """The best policy -> compress -> the re-training budget (distilled) -> test accuracy, read once."""
+    def retrain_and_test(self, run: Run, *, after: Callable[[nn.Module, Run], None] | None = None,
+                         **chn: Any) -> Run:
+        """The best policy -> compress -> the re-training budget (distilled) -> test accuracy, read once.
+
+        ``after(model, run)``: called with the re-trained model (e.g. to export it and record its size)."""
         learner = self.learner(run.seed, **chn)
         seed_everything(run.seed)
         final = learner.compress(self.base, run.result.best_policy).to(self.device)
@@ -270,6 +278,8 @@ class Bench:
         run.test_acc = evaluate(final, self.data.loader("test", batch_size=500), device=self.device)
         prof = profile_model(final, self.input_shape)
         run.flops_kept, run.params_kept = prof.flops / self.base_flops, prof.params / self.base_params
+        if after is not None:
+            after(final, run)
         return run
 
     def reward_loader(self) -> Any:
@@ -289,9 +299,9 @@ def reward_loader(data: DataBundle, size: int) -> Any:
     return data.loader("val", batch_size=500)
 
 
-def base_config(args: argparse.Namespace) -> dict[str, Any]:
+def base_config(args: argparse.Namespace, learner: str = LEARNER) -> dict[str, Any]:
     cfg = default_config()
-    cfg["run"].update(learner=LEARNER, hpo="none", net=args.net, dataset=args.dataset, init=args.init,
+    cfg["run"].update(learner=learner, hpo="none", net=args.net, dataset=args.dataset, init=args.init,
                       device=args.device, quiet=not args.verbose, threads=args.threads, target=0.5)
     cfg["data"]["data_dir"] = args.data_dir
     cfg["search"].update(reward_val_size=args.reward_val_size, retrain_epochs=args.retrain_epochs,
@@ -303,12 +313,12 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
-def setup(args: argparse.Namespace) -> Bench:
-    """Validate, then load the data and the baseline once."""
+def setup(args: argparse.Namespace, *, learner: str = LEARNER, section: str = "chn") -> Bench:
+    """Validate, then load the data and the baseline once (``learner``: whose options live in ``section``)."""
     check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = base_config(args)
+    cfg = base_config(args, learner)
     validate(cfg)
     device = resolve_device(args.device)
     seed_everything(0)
@@ -320,7 +330,8 @@ def setup(args: argparse.Namespace) -> Bench:
     prof = profile_model(base, shape)
     bench = Bench(args=args, cfg=cfg, device=device, data=data, base=base, source=_short(info["source"]),
                   net=cfg["run"]["net"], base_flops=float(prof.flops), base_params=float(prof.params),
-                  base_val=float("nan"), base_test=float("nan"), reward_size=0)
+                  base_val=float("nan"), base_test=float("nan"), reward_size=0, learner_name=learner,
+                  section=section)
     loader = bench.reward_loader()
     bench.reward_size = len(loader.y) if isinstance(loader, TensorLoader) else len(data.val)
     bench.base_val = evaluate(base, loader, device=device)
