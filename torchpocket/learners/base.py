@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from torchpocket.datasets import DataBundle
+from torchpocket.distributed import per_rank_batch, world_size
+from torchpocket.distributed import rank as dist_rank
 from torchpocket.hpo.space import Policy, SearchSpace
 from torchpocket.learners.training import TrainConfig, finetune, fit
 
@@ -91,8 +93,11 @@ class Learner(ABC):
 
     # -- shared training ---------------------------------------------------------------------
     def _loader(self, split: str, train: bool = False) -> Any:
+        """A loader over ``split``; under torchrun each rank gets its shard and ``--batch-size`` stays the
+        global batch (``batch_size / world_size`` per rank), so N ranks take the same steps as one process."""
         assert self.data is not None, "call prepare() first"
-        return self.data.loader(split, batch_size=self.train_cfg.batch_size, train=train, seed=self.seed)
+        return self.data.loader(split, batch_size=per_rank_batch(self.train_cfg.batch_size), train=train,
+                                seed=self.seed, rank=dist_rank(), world_size=world_size())
 
     def finetune(self, model: nn.Module, *, teacher: nn.Module | None, steps: int) -> dict[str, float]:
         """Fast fine-tuning of a candidate with distillation from ``teacher``."""

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchpocket.config import opt, register_section
+from torchpocket.distributed import wrap_ddp
 from torchpocket.errors import UserError
 from torchpocket.utils import atomic_write_bytes, progress
 
@@ -44,6 +45,8 @@ class TrainConfig:
     distill_alpha: float = opt(0.9, "weight of the soft-target loss; 1 - alpha goes to the hard labels (0 = off)")
     max_steps_per_epoch: int = opt(0, "cap on steps per epoch (0 = the whole split; for quick runs)")
     channels_last: bool = opt(True, "NHWC memory format for conv nets (faster conv kernels on CPU)")
+    sync_bn: bool = opt(False, "under torchrun: batch-norm statistics over the global batch (SyncBatchNorm)",
+                        flag="--sync-bn")
 
 
 register_section("train", TrainConfig)
@@ -134,8 +137,13 @@ def train_one_epoch(
     max_steps: int = 0,
     desc: str = "train",
     quiet: bool = False,
+    ddp: nn.Module | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns mean loss, accuracy and images/s. Raises :class:`NonFiniteLoss`."""
+    """One pass over ``loader``; returns mean loss, accuracy and images/s. Raises :class:`NonFiniteLoss`.
+
+    ``ddp``: ``model`` wrapped in DistributedDataParallel (forward and backward go through it, so
+    gradients are averaged across ranks); hooks and the caller keep working on ``model`` itself.
+    """
     model.train()
     if teacher is not None:
         teacher.eval()
@@ -150,7 +158,7 @@ def train_one_epoch(
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if cfg.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        loss, out = _forward_loss(model, x, y, teacher, cfg)
+        loss, out = _forward_loss(ddp if ddp is not None else model, x, y, teacher, cfg)
         if not torch.isfinite(loss):
             bar.close()
             raise NonFiniteLoss(f"loss became {loss.item()} at step {step}")
@@ -231,6 +239,7 @@ def fit(
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    ddp = wrap_ddp(model, sync_bn=cfg.sync_bn)
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg, epochs * steps_per_epoch, steps_per_epoch)
     history = []
@@ -249,6 +258,7 @@ def fit(
             max_steps=steps_per_epoch,
             quiet=quiet,
             desc=f"{desc} {epoch + 1}/{epochs}",
+            ddp=ddp,
         )
         stats["val_acc"] = evaluate(model, val_loader, device=device) if val_loader is not None else float("nan")
         stats["epoch"] = epoch + 1
@@ -284,6 +294,7 @@ def finetune(
         return {}
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    ddp = wrap_ddp(model, sync_bn=cfg.sync_bn)
     opt = make_optimizer(model, cfg, lr=lr or cfg.lr * 0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
     stats: dict[str, float] = {}
@@ -304,6 +315,7 @@ def finetune(
             max_steps=n,
             quiet=quiet,
             desc="fine-tune",
+            ddp=ddp,
         )
         done += n
         epoch += 1
