@@ -39,6 +39,8 @@ class OptunaOptimizer(Optimizer):
         self.study = self._open_study()
         self.journal: list[list[Any]] = []  # [] for an ask, [trial number, value or None] for a tell
         self.pending: list[tuple[Policy, int]] = []  # (projected policy, trial number), oldest first
+        self._live: dict[int, optuna.trial.Trial] = {}  # asked, not yet told: for user attributes
+        self.last_number = -1  # study-wide number of the latest ask (unique across workers sharing a storage)
 
     def make_sampler(self) -> optuna.samplers.BaseSampler:
         raise NotImplementedError
@@ -61,9 +63,14 @@ class OptunaOptimizer(Optimizer):
         with one_blas_thread():
             trial = self.study.ask()
             x = [trial.suggest_float(name, float(lo), float(hi)) for name, lo, hi in zip(self.space.names, lows, highs)]
+        self._live[trial.number] = trial
+        self.last_number = trial.number
         return self.space.budget.project(x), trial.number
 
-    def _tell_trial(self, number: int, value: float | None) -> None:
+    def _tell_trial(self, number: int, value: float | None, policy: Policy | None = None) -> None:
+        trial = self._live.pop(number, None)
+        if trial is not None and policy is not None and self.storage is not None:
+            trial.set_user_attr("policy", [float(v) for v in policy])  # the projected policy that was scored
         if value is None:
             self.study.tell(number, state=optuna.trial.TrialState.FAIL)
         else:
@@ -80,10 +87,34 @@ class OptunaOptimizer(Optimizer):
         item = self.pop_pending(self.pending, policy)
         if item is None:
             return  # not a policy this study proposed: nothing to tell it
-        _, number = item
+        projected, number = item
         value = float(reward) if math.isfinite(reward) else None
-        self._tell_trial(number, value)
+        self._tell_trial(number, value, projected)
         self.journal.append([number, value])
+
+    # -- parallel workers sharing one storage ------------------------------------------------------
+    def annotate(self, **attrs: Any) -> None:
+        """Attach plain-data attributes (val acc, resource, worker) to the latest asked trial in the storage."""
+        trial = self._live.get(self.last_number)
+        if trial is not None and self.storage is not None:
+            for k, v in attrs.items():
+                trial.set_user_attr(k, v)
+
+    def abandon(self, policy: Policy, reason: str) -> None:
+        """Give back an asked trial without scoring it (over the shared budget): recorded as failed."""
+        item = self.pop_pending(self.pending, policy)
+        if item is None:
+            return
+        trial = self._live.get(item[1])
+        if trial is not None and self.storage is not None:
+            trial.set_user_attr("abandoned", reason)
+        self._tell_trial(item[1], None)
+        self.journal.append([item[1], None])
+
+    def shared_trials(self) -> list[dict[str, Any]]:
+        """Every trial of the study (all workers), oldest first: number, state, value and user attributes."""
+        return [{"number": t.number, "state": t.state.name, "value": t.value, **t.user_attrs}
+                for t in self.study.get_trials(deepcopy=False)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [[list(p), r] for p, r in self.history], "n_layers": len(self.space),
