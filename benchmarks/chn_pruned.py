@@ -57,6 +57,9 @@ from torchpocket.profile import compare_latency, profile_model
 
 OPTIMIZERS = ("uniform", "ddpg", "gp", "tpe")
 TARGETS = (0.5, 0.4, 0.3)
+# learner -> the config section whose options Bench.learner(seed, **options) may vary
+LEARNER_SECTIONS = {"chn-pruned": "chn", "dis-chn-pruned": "dcp"}
+
 # name -> chn-pruned options; names are what --selections takes
 SELECTIONS: dict[str, dict[str, Any]] = {
     "lasso+rec": {"select": "lasso", "reconstruct": True},
@@ -89,8 +92,10 @@ def accuracy_tables(bench: Bench, runs: dict[tuple[float, str], list[Run]]) -> s
             row += [pm([r.val_acc for r in rs]), pm([r.test_acc for r in rs])]
         rows.append(row)
     text = "### Accuracy (%) at each FLOPs target\n\n" + md_table(head, rows)
+    how = ("least-squares reconstruction" if bench.learner_name == "chn-pruned" else
+           "the learner's own channel selection and stage-wise optimisation (part of building the candidate)")
     text += (f"\nval, no FT: the search's best candidate on the first {bench.reward_size} validation images, with "
-             "least-squares reconstruction and no fine-tuning (the reward; `uniform` evaluates its one policy once "
+             f"{how} and no fine-tuning (the reward; `uniform` evaluates its one policy once "
              "per seed). test: that candidate after the re-training budget above, test split read once per model. "
              f"Baseline: val {bench.base_val:.2f}%, test {bench.base_test:.2f}%.\n\n")
     head = ["FLOPs target", "optimizer", "FLOPs kept (measured)", "params kept", "candidates", "search s (mean)",
@@ -343,6 +348,8 @@ def plot(bench: Bench, runs: dict[tuple[float, str], list[Run]], selection_rows:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap, optimizers=OPTIMIZERS, targets=TARGETS)
+    ap.add_argument("--learner", default="chn-pruned", choices=list(LEARNER_SECTIONS),
+                    help="channel-pruning learner of table 1 (dis-chn-pruned: table 1 only; default: %(default)s)")
     ap.add_argument("--selections", nargs="+", default=["lasso+rec", "l1+rec", "l1", "random+rec", "random"],
                     choices=list(SELECTIONS), help="table 2's columns (default: %(default)s)")
     ap.add_argument("--selection-policies", nargs="+", default=None,
@@ -366,6 +373,8 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], choices=["selection", "speed", "resource"],
                     help="leave out table 2 / 3 / 4")
     args = ap.parse_args()
+    if args.learner != "chn-pruned":  # tables 2-4 vary chn-pruned's own selection / speed options
+        args.skip = sorted(set(args.skip) | {"selection", "speed", "resource"})
     if args.selection_policies is None:
         args.selection_policies = ["uniform"] + (["ddpg"] if "ddpg" in args.optimizers else [])
     for src in args.selection_policies:
@@ -381,7 +390,7 @@ def main() -> None:
         ap.error(f"--speed-target must be in (0, 1], got {args.speed_target}")
 
     start = time.perf_counter()
-    bench = setup(args)
+    bench = setup(args, learner=args.learner, section=LEARNER_SECTIONS[args.learner])
     runs: dict[tuple[float, str], list[Run]] = {(t, n): [] for t in args.targets for n in args.optimizers}
     for seed in args.seeds:
         for t in args.targets:
@@ -389,7 +398,7 @@ def main() -> None:
                 run = bench.retrain_and_test(bench.search(name, seed=seed, target=t))
                 runs[(t, name)].append(run)
                 print(progress_line(run), flush=True)
-    text = header("Channel pruning (chn-pruned)", bench) + accuracy_tables(bench, runs)
+    text = header(f"Channel pruning ({args.learner})", bench) + accuracy_tables(bench, runs)
     selection_rows: list[dict[str, Any]] = []
     if "selection" not in args.skip:
         sel_text, selection_rows = selection_table(bench, runs)
