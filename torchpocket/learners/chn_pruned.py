@@ -216,6 +216,11 @@ class ChnPrunedLearner(Learner):
     # -- prepare: graph, costs and calibration, once --------------------------------------------
     def prepare(self, model: nn.Module, data: DataBundle) -> None:
         """Find the channel groups, build the exact cost model and extract calibration statistics."""
+        self._prepare_graph(model, data)
+        self._prepare_selection(model)
+
+    def _prepare_graph(self, model: nn.Module, data: DataBundle) -> None:
+        """The selection-independent part of :meth:`prepare`: channel groups, cost model, latency table."""
         super().prepare(model, data)
         c = self.config
         example = example_input(data)
@@ -225,6 +230,11 @@ class ChnPrunedLearner(Learner):
         self._example, self._model, self._latency = example, model, None
         if c.resource == "latency":
             self.latency_model()
+
+    def _prepare_selection(self, model: nn.Module) -> None:
+        """What LASSO / L1 / random selection and reconstruction need: calibration statistics and rankings."""
+        assert self.info is not None
+        c = self.config
         need = set()
         for g in self.info.groups:
             if c.reconstruct or (c.select == "lasso" and not g.coupled):
@@ -445,24 +455,38 @@ class ChnPrunedLearner(Learner):
 
     def compress(self, model: nn.Module, policy: Policy) -> nn.Module:
         """A pruned copy of ``model``: selection, reconstruction, then the cut (``model`` is untouched)."""
-        info, cost = self._prepared(model)
-        counts = cost.counts(policy)
         new = copy.deepcopy(model)
         mods = dict(new.named_modules())
-        ops: list[list[Any]] = []
-        q = 0
-        for i, g in enumerate(info.groups):
-            per_class = [int(v) for v in counts[q : q + len(g.classes)]]
-            q += len(g.classes)
-            if sum(per_class) >= g.units:
-                continue
+        removed_by_group: dict[int, list[int]] = {}
+        for i, g, per_class in self._plan(model, policy):
             keep = set(self._keep(i, per_class))
             removed = [u for u in range(g.units) if u not in keep]
             if self.config.reconstruct:
                 for name in g.consumers:
                     if name in self._calib:
                         self._reconstruct(mods[name], g, name, removed)
-            ops += [[n, h, idx] for n, h, idx in g.ops(removed)]
+            removed_by_group[i] = removed
+        return self._cut(new, removed_by_group)
+
+    def _plan(self, model: nn.Module, policy: Policy) -> list[tuple[int, ChannelGroup, list[int]]]:
+        """``(group index, group, units kept per class)`` of every group ``policy`` prunes (keeps fewer than all)."""
+        info, cost = self._prepared(model)
+        counts = cost.counts(policy)
+        out = []
+        q = 0
+        for i, g in enumerate(info.groups):
+            per_class = [int(v) for v in counts[q : q + len(g.classes)]]
+            q += len(g.classes)
+            if sum(per_class) < g.units:
+                out.append((i, g, per_class))
+        return out
+
+    def _cut(self, new: nn.Module, removed_by_group: dict[int, list[int]]) -> nn.Module:
+        """Physically remove each group's ``removed`` units from ``new`` (in place) and attach the record."""
+        assert self.info is not None
+        ops: list[list[Any]] = []
+        for i, g in enumerate(self.info.groups):
+            ops += [[n, h, idx] for n, h, idx in g.ops(removed_by_group.get(i, []))]
         apply_ops(new, ops)
         setattr(new, ARCH_ATTR, {"version": 1, "input_shape": list(self._input_shape), "ops": ops})
         return new
