@@ -11,7 +11,17 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from torchpocket.export import ExportMismatch, check_onnx, export_onnx, file_size, onnx_latency
+from torchpocket.errors import UserError
+from torchpocket.export import (
+    ExportMismatch,
+    check_onnx,
+    compare_onnx_latency,
+    export_int8_onnx,
+    export_onnx,
+    file_size,
+    onnx_latency,
+    onnx_predict,
+)
 from torchpocket.nets import create_net
 
 
@@ -83,3 +93,23 @@ def test_fixed_batch_and_latency(tmp_path: Path) -> None:
         check_onnx(model, path, (3, 8, 8), batch_size=3)
     t = onnx_latency(path, (3, 8, 8), threads=1, warmup=1, repeats=3)
     assert math.isfinite(t) and t > 0
+
+
+def test_onnx_predict_and_round_robin_latency(tmp_path: Path) -> None:
+    model = AddCat().eval()
+    a = export_onnx(model, tmp_path / "a.onnx", (3, 8, 8))
+    b = export_onnx(model, tmp_path / "b.onnx", (3, 8, 8))
+    x = torch.randn(7, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(onnx_predict(a, x, batch_size=3)), model(x), atol=1e-4,
+                                   rtol=1e-4)
+    t = compare_onnx_latency({"a": a, "b": b}, (3, 8, 8), batch_size=2, threads=1, warmup=1, repeats=3)
+    assert set(t) == {"a", "b"} and all(math.isfinite(v) and v > 0 for v in t.values())
+    with pytest.raises(ValueError):
+        compare_onnx_latency({"a": a}, (3, 8, 8), batch_size=1, repeats=0)
+
+
+def test_int8_export_needs_a_quantized_model(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="uniform-quant model"):
+        export_int8_onnx(AddCat(), tmp_path / "m.int8.onnx", (3, 8, 8))
+    assert not list(tmp_path.iterdir())

@@ -159,3 +159,154 @@ def onnx_latency(path: str | os.PathLike, input_shape: tuple[int, ...], *, batch
 def file_size(path: str | os.PathLike) -> int:
     """Size of a file in bytes."""
     return Path(path).stat().st_size
+
+
+# ----------------------------------------------------------------------------- int8 (QDQ) deployment
+
+
+def export_int8_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tuple[int, ...], *,
+                     opset: int = 17) -> Path:
+    """Write a ``uniform-quant`` model as an 8-bit ONNX QDQ graph that carries the scales it was trained with.
+
+    The fake-quant model becomes :func:`torchpocket.learners._quant.deploy_module` (batch-norm folded into
+    the per-channel weight scales), is exported with the TorchScript exporter (its fake-quant ops become
+    QuantizeLinear / DequantizeLinear pairs), and :func:`finalize_qdq` stores every weight as an int8
+    initializer and every bias as int32 (scale = input scale x weight scale), the form ONNX Runtime fuses
+    into QLinearConv / QGemm / QLinearAdd kernels. No re-calibration: the deployed model is the trained one.
+    """
+    from torchpocket.learners._quant import deploy_module
+
+    path = Path(path)
+    dep = deploy_module(model)
+    export_onnx(dep, path, input_shape, opset=opset)
+    finalize_qdq(path)
+    return path
+
+
+def _np_round_half_even(x: np.ndarray) -> np.ndarray:
+    return np.rint(x)  # numpy rounds half to even, as ONNX QuantizeLinear does
+
+
+def finalize_qdq(path: str | os.PathLike) -> None:
+    """Rewrite a QDQ ONNX file in place: constant weights through QuantizeLinear become int8 initializers
+    feeding their DequantizeLinear directly, and the float bias of a Conv / Gemm whose input and weight are
+    dequantized becomes an int32 initializer (scale = input scale x weight scale, zero point 0) behind its own
+    DequantizeLinear. Constant-only Identity nodes are resolved first."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    path = Path(path)
+    m = onnx.load(str(path))
+    g = m.graph
+    consts: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    keep_nodes = []
+    for node in g.node:  # Constant nodes -> initializers
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        else:
+            keep_nodes.append(node)
+    rename: dict[str, str] = {}
+    nodes = []
+    for node in keep_nodes:
+        if node.op_type == "Identity" and node.input[0] in consts:
+            rename[node.output[0]] = node.input[0]
+            continue
+        nodes.append(node)
+
+    def src(name: str) -> str:
+        while name in rename:
+            name = rename[name]
+        return name
+
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            node.input[i] = src(name)
+    out_nodes = []
+    for node in nodes:  # QuantizeLinear of a constant -> int8 / uint8 initializer
+        if node.op_type == "QuantizeLinear" and node.input[0] in consts and node.input[1] in consts:
+            x, scale = consts[node.input[0]].astype(np.float64), consts[node.input[1]].astype(np.float64)
+            zp = consts[node.input[2]] if len(node.input) > 2 and node.input[2] in consts else np.zeros((), np.uint8)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            shape = [1] * x.ndim
+            if scale.ndim == 1 and x.ndim > 0:
+                shape[axis] = -1
+            info = np.iinfo(zp.dtype)
+            q = np.clip(_np_round_half_even(x / scale.reshape(shape)) + zp.astype(np.int64).reshape(shape),
+                        info.min, info.max).astype(zp.dtype)
+            name = node.output[0] + "_quantized"
+            consts[name] = q
+            rename[node.output[0]] = name
+            continue
+        out_nodes.append(node)
+    for node in out_nodes:
+        for i, name in enumerate(node.input):
+            node.input[i] = src(name)
+    producer = {o: n for n in out_nodes for o in n.output}
+    final_nodes = []
+    for node in out_nodes:  # float bias of a quantized Conv / Gemm -> int32 behind a DequantizeLinear
+        if node.op_type in ("Conv", "Gemm") and len(node.input) > 2 and node.input[2] in consts:
+            dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
+            if dq_x is not None and dq_w is not None and dq_x.op_type == dq_w.op_type == "DequantizeLinear" \
+                    and dq_x.input[1] in consts and dq_w.input[1] in consts:
+                b = consts[node.input[2]].astype(np.float64)
+                bscale = (consts[dq_x.input[1]].astype(np.float64) * consts[dq_w.input[1]].astype(np.float64))
+                bscale = np.broadcast_to(bscale, b.shape).astype(np.float32)
+                qb = np.clip(_np_round_half_even(b / bscale.astype(np.float64)), -2**31, 2**31 - 1).astype(np.int32)
+                base = node.input[2]
+                consts[base + "_int32"], consts[base + "_int32_scale"] = qb, bscale
+                consts[base + "_int32_zp"] = np.zeros(b.shape, np.int32)
+                out = base + "_dequantized_" + (node.name or node.output[0]).replace("/", "_")
+                final_nodes.append(helper.make_node("DequantizeLinear", [base + "_int32", base + "_int32_scale",
+                                                                        base + "_int32_zp"], [out], axis=0))
+                node.input[2] = out
+        final_nodes.append(node)
+    used = {i for n in final_nodes for i in n.input} | {o.name for o in g.output}
+    del g.node[:]
+    g.node.extend(final_nodes)
+    del g.initializer[:]
+    g.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items() if k in used)
+    onnx.checker.check_model(m)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        onnx.save(m, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def onnx_session(path: str | os.PathLike, *, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session (``threads`` intra-op threads), to reuse across :func:`onnx_predict` calls."""
+    return _session(path, threads=threads)
+
+
+def onnx_predict(model: str | os.PathLike | Any, x: Tensor | np.ndarray, *, batch_size: int = 500,
+                 threads: int | None = None) -> np.ndarray:
+    """Outputs of an ONNX model (a path, or a session from :func:`onnx_session`; first output), in batches."""
+    sess = model if hasattr(model, "run") else _session(model, threads=threads)
+    name = sess.get_inputs()[0].name
+    arr = x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+    arr = arr.astype(np.float32)
+    return np.concatenate([sess.run(None, {name: arr[i:i + batch_size]})[0] for i in range(0, len(arr), batch_size)])
+
+
+def compare_onnx_latency(paths: dict[str, str | os.PathLike], input_shape: tuple[int, ...], *, batch_size: int,
+                         threads: int | None = None, warmup: int = 3, repeats: int = 20) -> dict[str, float]:
+    """Median seconds per run of each ONNX model, measured round-robin in one process (fair on a busy CPU)."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    sessions = {k: _session(p, threads=threads) for k, p in paths.items()}
+    feed = np.random.default_rng(0).standard_normal((batch_size, *input_shape)).astype(np.float32)
+    names = list(sessions)
+    for _ in range(warmup):
+        for k in names:
+            sessions[k].run(None, {sessions[k].get_inputs()[0].name: feed})
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for k in names[shift:] + names[:shift]:
+            s = sessions[k]
+            inp = {s.get_inputs()[0].name: feed}
+            start = time.perf_counter()
+            s.run(None, inp)
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -540,7 +540,8 @@ def finalize(
     atomic_write_text(run_dir.path / "policy.yaml", dump_yaml({
         "learner": run["learner"], "hpo": run["hpo"], "target": run["target"],
         "meaning": getattr(learner, "policy_name", "ratio"), "layers": policy_map}))
-    summary = _summary(base.cpu(), final.cpu(), data, cfg, test_base, test_final, result, retrain_s, run_dir)
+    summary = _summary(base.cpu(), final.cpu(), data, cfg, test_base, test_final, result, retrain_s, run_dir,
+                       learner=learner)
     if getattr(getattr(learner, "config", None), "resource", None) == "latency" and result is not None:
         pred = learner.latency_summary(policy)  # HAQ-style lookup table vs what the final model measures
         pred["measured_ms_b1"] = summary["compressed"]["latency_ms_b1"]
@@ -565,7 +566,8 @@ def finalize(
 
 
 def _summary(base: nn.Module, final: nn.Module, data: DataBundle, cfg: dict[str, Any], test_base: float,
-             test_final: float, result: SearchResult | None, retrain_s: float, run_dir: RunDir) -> dict[str, Any]:
+             test_final: float, result: SearchResult | None, retrain_s: float, run_dir: RunDir, *,
+             learner: Any = None) -> dict[str, Any]:
     from torchpocket.profile import compare_latency, profile_model
 
     shape = _input_shape(data)
@@ -588,18 +590,86 @@ def _summary(base: nn.Module, final: nn.Module, data: DataBundle, cfg: dict[str,
         "machine": machine_description(),
     }
     if cfg["search"]["export_onnx"]:
+        path = None
         try:
             from torchpocket.export import check_onnx, export_onnx, file_size, onnx_latency
 
-            path = export_onnx(final, run_dir.path / "model.onnx", shape)
-            diff = check_onnx(final, path, shape)
+            # a quantization learner's fp32 ONNX is the same network with its quantized weights as floats
+            fp32 = learner.onnx_float_model(final) if hasattr(learner, "onnx_float_model") else final
+            path = export_onnx(fp32, run_dir.path / "model.onnx", shape)
+            diff = check_onnx(fp32, path, shape)
             summary["onnx"] = {"path": "model.onnx", "max_abs_diff": diff, "size_bytes": file_size(path),
                                "latency_ms_b1": 1e3 * onnx_latency(path, shape, batch_size=1, repeats=reps)}
         except Exception as e:  # noqa: BLE001 - an unexportable op must not lose the finished run
             reason = " ".join(str(e).split())[:300]
             print(f"warning: ONNX export skipped: {type(e).__name__}: {reason}", file=sys.stderr, flush=True)
             summary["onnx"] = {"skipped": f"{type(e).__name__}: {reason}"}
+            path = None
+        if getattr(learner, "int8_export", False) and path is not None:
+            summary["int8"] = int8_summary(final, path, data, run_dir.path, repeats=reps)
     return summary
+
+
+INT8_MIN_AGREEMENT = 0.99  # top-1 agreement of the exported integer model with the fake-quant model
+
+
+def int8_summary(model: nn.Module, fp32_onnx: Path, data: DataBundle, out_dir: Path, *,
+                 repeats: int = 20) -> dict[str, Any]:
+    """Write ``model.int8.onnx`` (QDQ, the model's own scales) and put it beside the fp32 ONNX model.
+
+    Test accuracy of both in ONNX Runtime, top-1 agreement of the int8 model with the PyTorch
+    fake-quant model on the test split (warned below 99%), file sizes, and latency at batch 1 and 64
+    measured round-robin in this process. A model that cannot be exported is reported, not fatal.
+    """
+    from torchpocket.export import compare_onnx_latency, export_int8_onnx, file_size, onnx_predict, onnx_session
+    from torchpocket.learners._quant import act_quantizers
+
+    bits = [int(m.qbits) for m in model.modules() if hasattr(m, "qbits")]
+    if not act_quantizers(model) or not bits or max(bits) > 8:
+        return {"skipped": "the int8 model needs weights of at most 8 bits and activation quantizers "
+                           "(--act-bits > 0)"}
+    shape = _input_shape(data)
+    try:
+        p8 = export_int8_onnx(model, out_dir / "model.int8.onnx", shape)
+    except Exception as e:  # noqa: BLE001 - an unexportable op must not lose the finished run
+        reason = " ".join(str(e).split())[:300]
+        print(f"warning: int8 ONNX export skipped: {type(e).__name__}: {reason}", file=sys.stderr, flush=True)
+        return {"skipped": f"{type(e).__name__}: {reason}"}
+    threads = torch.get_num_threads()
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.eval()
+    s8, s32 = onnx_session(p8, threads=threads), onnx_session(fp32_onnx, threads=threads)
+    n = agree = ok8 = ok32 = 0
+    for x, y in data.loader("test", batch_size=500):
+        with torch.no_grad():
+            ref = model(x.to(dev)).argmax(1).cpu().numpy()
+        got8 = onnx_predict(s8, x).argmax(1)
+        got32 = onnx_predict(s32, x).argmax(1)
+        yy = y.numpy()
+        n += len(yy)
+        agree += int((got8 == ref).sum())
+        ok8 += int((got8 == yy).sum())
+        ok32 += int((got32 == yy).sum())
+    lat1 = compare_onnx_latency({"fp32": fp32_onnx, "int8": p8}, shape, batch_size=1, threads=threads,
+                                repeats=repeats)
+    lat64 = compare_onnx_latency({"fp32": fp32_onnx, "int8": p8}, shape, batch_size=64, threads=threads,
+                                 repeats=max(3, repeats // 4))
+    out = {"path": p8.name, "format": "QDQ, uint8 activations (per tensor), int8 weights (per channel)",
+           "test_acc": 100 * ok8 / max(n, 1), "fp32_onnx_test_acc": 100 * ok32 / max(n, 1),
+           "agreement_with_pytorch": agree / max(n, 1), "size_bytes": file_size(p8),
+           "fp32_size_bytes": file_size(fp32_onnx),
+           "latency_ms_b1": 1e3 * lat1["int8"], "fp32_latency_ms_b1": 1e3 * lat1["fp32"],
+           "latency_ms_b64": 1e3 * lat64["int8"], "fp32_latency_ms_b64": 1e3 * lat64["fp32"],
+           "speedup_b1": lat1["fp32"] / lat1["int8"], "speedup_b64": lat64["fp32"] / lat64["int8"],
+           "runtime": "onnxruntime CPU", "threads": threads}
+    print(f"int8 ONNX: test acc {out['test_acc']:.2f}% (fp32 ONNX {out['fp32_onnx_test_acc']:.2f}%), top-1 "
+          f"agreement with PyTorch {100 * out['agreement_with_pytorch']:.2f}%, {out['size_bytes']} bytes vs "
+          f"{out['fp32_size_bytes']}, batch 64 {out['latency_ms_b64']:.2f} ms vs {out['fp32_latency_ms_b64']:.2f} "
+          f"ms ({out['speedup_b64']:.2f}x)", flush=True)
+    if out["agreement_with_pytorch"] < INT8_MIN_AGREEMENT:
+        print(f"warning: the int8 ONNX model agrees with the fake-quant model on only "
+              f"{100 * out['agreement_with_pytorch']:.2f}% of the test images", file=sys.stderr, flush=True)
+    return out
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -617,6 +687,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["search"]["policy"] and run_cfg["hpo"] != "none":
         raise UserError("--policy applies a fixed policy: use it with --hpo none")
     episodes_for(cfg)  # validates --episodes before touching data
+    check_bits_flag(cfg)
     learner = make_learner(cfg, device)  # validates the learner's own options before anything is written
     if learner.searchable and run_cfg["target"] >= 1.0 and run_cfg["hpo"] != "none":
         print(f"warning: --target {run_cfg['target']:g} keeps everything; pass e.g. --target 0.5", file=sys.stderr)
@@ -634,6 +705,24 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
               f"val acc {result.best_val_acc:.2f}% (reward split)", flush=True)
         return finalize(learner, base, result, data, cfg, run_dir=run_dir, device=device,
                         base_arch=info["base_arch"], net=run_cfg["net"])
+
+
+def check_bits_flag(cfg: dict[str, Any]) -> None:
+    """``--bits N`` fixes every layer's bit-width: a quantization learner, and no search (``--hpo none``)."""
+    from torchpocket.learners import LEARNERS
+
+    bits = cfg.get("quant", {}).get("bits")
+    if bits is None:
+        return
+    run = cfg["run"]
+    if getattr(LEARNERS.get(run["learner"]), "section", None) != "quant":
+        raise UserError(f"--bits applies to the quantization learners (uniform-quant, non-uniform-quant), "
+                        f"not {run['learner']!r}")
+    if run["hpo"] != "none":
+        raise UserError(f"--bits {bits} puts every layer at {bits} bits, there is nothing to search: drop --hpo "
+                        f"{run['hpo']} (or drop --bits and give --target to search mixed precision)")
+    if cfg["search"]["policy"]:
+        raise UserError("--bits and --policy both fix the bits: give one of them")
 
 
 def _resume_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -717,6 +806,7 @@ def compress_model(
     cfg = merge(cfg, nested, "compress()")
     cfg["run"]["net"] = "resnet20"  # validate() checks a registry net name; a user model has none
     validate(cfg)
+    check_bits_flag(cfg)
     cfg["run"]["net"] = None
     dev = resolve_device(device)
     data = LoaderBundle(train_loader, val_loader, test_loader)

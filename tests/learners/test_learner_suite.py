@@ -9,8 +9,12 @@ Expectations that depend on what a learner's Budget measures are keyed by its
 ``unit``: for ``flops`` / ``params`` the compressed model must physically shrink,
 its measured resource must equal the Budget's figure, sit at or under the target
 and within ``tol`` (absolute fraction of the original) of it, and the policy at
-the upper bounds must reproduce the original outputs. Other units (bits, ...)
-get the unit-independent checks only until they add a row to ``EXPECT``. A learner whose
+the upper bounds must reproduce the original outputs. For ``weight-bits`` (the
+quantization learners) the measured resource is the bits of the integer codes each
+layer holds over the fp32 weight bits, every layer must hold at most ``2^bits`` codes
+(and weight values per output channel) at the policy's bit-width, and targets are
+scaled by ``BITS_SCALE`` (8 bits is 0.25 of fp32). Other units get the
+unit-independent checks only until they add a row to ``EXPECT``. A learner whose
 Budget counts something other than the physical model names it in ``SearchSpace.meta["measure"]``
 (``nonzero-weights``: unstructured sparsity, same shapes, counted as non-zero Conv / Linear weights).
 """
@@ -33,6 +37,7 @@ from torchpocket.api import load, save_model
 from torchpocket.datasets import DATASETS
 from torchpocket.errors import UnsupportedModel
 from torchpocket.learners import LEARNERS, create_learner
+from torchpocket.learners._quant import weight_codes
 from torchpocket.learners.training import TrainConfig
 from torchpocket.nets import create_net
 
@@ -101,12 +106,43 @@ def layer_weights(model: nn.Module, *, nonzero: bool) -> int:
     return sum(int((w != 0).sum()) if nonzero else w.numel() for w in ws.values())
 
 
+def weight_bits(model: nn.Module) -> int:
+    """Bits of the quantized Conv2d / Linear weights (integer codes x bit-width), fp32 for the others."""
+    codes = weight_codes(model)
+    total, seen = 0, set()
+    for n, m in model.named_modules():
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        p = m._parameters.get("weight")  # a weight-shared layer computes its weight: no tensor identity
+        if p is not None and id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += codes[n][1] * m.weight.numel() if n in codes else 32 * m.weight.numel()
+    return total
+
+
 EXPECT: dict[str, Expect] = {
     "flops": Expect(lambda c, o, x: flops_of(c, x) / flops_of(o, x), True, True),
     "params": Expect(lambda c, o, x: n_params(c) / n_params(o), True, True),
     "nonzero-weights": Expect(
         lambda c, o, x: layer_weights(c, nonzero=True) / layer_weights(o, nonzero=False), False, True, tol=0.01),
+    # quantization: the fraction of the fp32 weight bits, counted from the integer codes each layer holds
+    "weight-bits": Expect(lambda c, o, x: weight_bits(c) / (32 * layer_weights(o, nonzero=False)), tol=0.02),
 }
+
+
+def check_bits_honoured(model: nn.Module, bits: dict[str, float]) -> None:
+    """Every quantized layer holds at most 2^bits integer codes (and weight values per output channel)."""
+    codes = weight_codes(model)
+    assert set(codes) == set(bits), "the quantized layers are not the policy's layers"
+    mods = dict(model.named_modules())
+    for name, (code, b) in codes.items():
+        assert b == round(bits[name]), f"{name}: {b} bits, the policy says {bits[name]}"
+        assert code.unique().numel() <= 2**b, f"{name}: {code.unique().numel()} codes at {b} bits"
+        m = mods[name]
+        w = (m.quantized_weight() if hasattr(m, "quantized_weight") else m.weight).detach()
+        per_channel = max(row.unique().numel() for row in w.reshape(w.shape[0], -1))
+        assert per_channel <= 2**b, f"{name}: {per_channel} distinct weights in one channel at {b} bits"
 
 
 def is_plain(obj: Any) -> bool:
@@ -125,12 +161,16 @@ def searchable_learners() -> list[str]:
     return [n for n in LEARNERS.names() if getattr(LEARNERS.get(n), "searchable", True)]
 
 
+BITS_SCALE = 0.25  # a bits learner's targets: 8 bits (0.25 of fp32) is their ceiling, so 0.3 -> 2.4 bits average
+
+
 def cases() -> list[Any]:
     out = []
     for learner in searchable_learners():
+        scale = BITS_SCALE if getattr(LEARNERS.get(learner), "policy_name", "") == "bits" else 1.0
         for net in SMALL_NETS + BIG_NETS:
             for t in TARGETS if net in SMALL_NETS else (BIG_TARGET,):
-                out.append(pytest.param(learner, net, t, id=f"{learner}-{net}-{t}"))
+                out.append(pytest.param(learner, net, t * scale, id=f"{learner}-{net}-{t * scale:g}"))
     return out
 
 
@@ -182,7 +222,10 @@ def test_learner_contract(learner_name: str, net: str, target: float, tmp_path: 
         ratio = expect.measure(cand, model, x[:1])
         assert ratio == pytest.approx(budget.fraction(policy), rel=1e-6, abs=1e-9), "Budget disagrees with the model"
         assert ratio <= target * (1 + 1e-9), f"{budget.unit} ratio {ratio:.4f} over target {target}"
-        assert ratio >= target - expect.tol, f"{budget.unit} ratio {ratio:.4f} not within {expect.tol} of {target}"
+        reachable = min(target, budget.fraction(list(space.highs)))  # e.g. 8 bits everywhere is 0.25 of fp32
+        assert ratio >= reachable - expect.tol, f"{budget.unit} ratio {ratio:.4f} not within {expect.tol} of {target}"
+    if budget.unit == "bits":
+        check_bits_honoured(cand, space.to_dict(policy))
     if expect.shrinks:
         assert n_params(cand) < n_params(model)
     if expect.identity_at_high and target == (TARGETS[0] if net in SMALL_NETS else BIG_TARGET):
@@ -207,3 +250,7 @@ def test_learner_contract(learner_name: str, net: str, target: float, tmp_path: 
     loaded = load(path, model=build_net(net, seed=2) if registry_net is None else None)
     with torch.no_grad():
         assert torch.equal(loaded(x), out)
+    # ... and a learner's own deployment file, when it writes one, reloads to the same outputs
+    extra = learner.export(cand, tmp_path, x[:1])
+    if "reload_identical" in extra:
+        assert extra["reload_identical"], f"{learner_name}'s export does not reload identically"

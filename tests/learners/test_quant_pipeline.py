@@ -1,0 +1,126 @@
+"""Quantization end to end through ``run.py`` on tiny data: int8 ONNX, prune -> quantize, codebooks, search, errors.
+
+The runs use scikit-learn's 8x8 digits (offline) and a ResNet-20 baseline trained for a few epochs once per
+session (cached): top-1 agreement between the fake-quant model and the exported integer model is only
+meaningful for a model whose logits have real margins, which random weights on random data do not have.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+from onnx import numpy_helper
+
+import torchpocket
+from torchpocket.cli import main
+from torchpocket.learners._quant import weight_codes
+
+DIGITS = ["--dataset", "digits", "--net", "resnet20", "--device", "cpu", "--quiet", "--epochs", "10",
+          "--latency-repeats", "2"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # one cached digits baseline for the whole session: the first run trains it, the others reuse it
+    monkeypatch.setenv("TORCHPOCKET_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def run_ok(capsys: pytest.CaptureFixture[str], *argv: str) -> Path:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    line = next(ln for ln in out.splitlines() if ln.startswith("run directory: "))
+    return Path(line.split(": ", 1)[1])
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_8_bit_run_ships_an_int8_onnx_model_that_agrees(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    run_dir = run_ok(capsys, *DIGITS, "--learner", "uniform-quant", "--bits", "8", "--retrain-epochs", "0",
+                     "--out-dir", str(tmp_path))
+    s = summary(run_dir)
+    assert s["hpo"] == "none" and s["trials"] == 1  # --bits implies no search
+    int8 = s["int8"]
+    assert int8["agreement_with_pytorch"] >= 0.99  # fake-quant model vs ONNX Runtime integer model, test split
+    assert abs(int8["test_acc"] - s["compressed"]["test_acc"]) <= 1.0
+    assert int8["size_bytes"] < 0.35 * int8["fp32_size_bytes"]
+    for key in ("latency_ms_b1", "latency_ms_b64", "fp32_latency_ms_b1", "fp32_latency_ms_b64"):
+        assert int8[key] > 0
+    weights = [numpy_helper.to_array(i) for i in onnx.load(str(run_dir / "model.int8.onnx")).graph.initializer]
+    assert sum(w.dtype == np.int8 and w.ndim == 4 for w in weights) == 21  # every conv weight stored as int8
+    assert s["export"]["average_weight_bits"] == 8
+    model = torchpocket.load(run_dir / "model.pt")
+    assert {b for _, b in weight_codes(model).values()} == {8}
+    policy = yaml.safe_load((run_dir / "policy.yaml").read_text())
+    assert policy["meaning"] == "bits" and set(policy["layers"].values()) == {8.0}
+
+
+def test_prune_then_quantize(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    pruned = run_ok(capsys, *DIGITS, "--learner", "chn-pruned", "--hpo", "uniform", "--target", "0.5",
+                    "--retrain-epochs", "0", "--calib-batches", "2", "--no-export-onnx", "--out-dir", str(tmp_path))
+    small = torchpocket.load(pruned / "model.pt")
+    # the architecture comes from the checkpoint: no --net on the second command
+    argv = [a for a in DIGITS if a not in ("--net", "resnet20")]
+    quant = run_ok(capsys, *argv, "--learner", "uniform-quant", "--bits", "8", "--init", str(pruned / "model.pt"),
+                   "--retrain-epochs", "1", "--max-steps-per-epoch", "3", "--out-dir", str(tmp_path))
+    s = summary(quant)
+    n_small = sum(p.numel() for p in small.parameters())
+    assert s["baseline"]["params"] == n_small == s["compressed"]["params"]
+    assert s["int8"]["size_bytes"] < 0.35 * s["int8"]["fp32_size_bytes"]
+    assert s["int8"]["agreement_with_pytorch"] >= 0.97
+    model = torchpocket.load(quant / "model.pt")  # pruned, then quantized: both steps replayed
+    assert sum(p.numel() for p in model.parameters()) == n_small
+    ckpt = torch.load(quant / "model.pt", weights_only=True)
+    assert [st["learner"] for st in ckpt["base_arch"]] == ["chn-pruned"] and ckpt["learner"] == "uniform-quant"
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert model(x).shape == (4, 10)
+
+
+def test_non_uniform_run_writes_a_codebook(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    run_dir = run_ok(capsys, *DIGITS, "--learner", "non-uniform-quant", "--bits", "2", "--retrain-epochs", "1",
+                     "--max-steps-per-epoch", "3", "--no-export-onnx", "--out-dir", str(tmp_path))
+    e = summary(run_dir)["export"]
+    assert e["reload_identical"] and e["average_weight_bits"] == 2
+    assert e["codebook_bytes"] < e["fp32_bytes"] / 8
+    model = torchpocket.load(run_dir / "model.pt")
+    assert all(m.weight.unique().numel() <= 4 for n, m in model.named_modules() if n in weight_codes(model))
+
+
+def test_mixed_precision_search_stays_under_the_bit_budget(capsys: pytest.CaptureFixture[str],
+                                                           tmp_path: Path) -> None:
+    run_dir = run_ok(capsys, *DIGITS, "--learner", "uniform-quant", "--hpo", "random", "--target", "0.125",
+                     "--episodes", "3", "--ft-steps", "2", "--retrain-epochs", "0", "--no-export-onnx",
+                     "--out-dir", str(tmp_path))
+    rows = [json.loads(ln) for ln in (run_dir / "trials.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for r in rows:
+        assert r["resource"] <= 0.125 + 1e-9 and r["resource"] > 0.11
+        assert all(v == int(v) and 2 <= v <= 8 for v in r["policy"])
+    assert len({tuple(r["policy"]) for r in rows}) > 1  # mixed precision: the policies differ
+
+
+@pytest.mark.parametrize(("argv", "expect"), [
+    (["--learner", "uniform-quant", "--bits", "0"], "--bits must be between 2 and 8"),
+    (["--learner", "uniform-quant", "--bits", "9"], "--bits must be between 2 and 8"),
+    (["--learner", "non-uniform-quant", "--bits", "9"], "--bits must be between 1 and 8"),
+    (["--learner", "uniform-quant", "--min-bits", "6", "--max-bits", "4", "--hpo", "ddpg", "--target", "0.2"],
+     "--min-bits (6) must not exceed --max-bits (4)"),
+    (["--learner", "uniform-quant", "--bits", "4", "--hpo", "ddpg"], "nothing to search"),
+    (["--learner", "chn-pruned", "--bits", "4"], "--bits applies to the quantization learners"),
+])
+def test_bad_bits_are_one_line_and_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str],
+                                          expect: str) -> None:
+    rc = main([*DIGITS, *argv, "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and expect in lines[0], err
+    assert not list(tmp_path.iterdir())  # rejected before anything was written

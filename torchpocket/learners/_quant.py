@@ -1,0 +1,579 @@
+"""Shared pieces of the quantization learners (``uniform-quant``, ``non-uniform-quant``).
+
+* the config section ``quant`` both learners read (``--bits``, ``--min-bits``, ``--max-bits`` ...);
+* the weight-bits search space: one policy value per Conv2d / Linear layer = its weight bit-width
+  (an integer: ``LayerSpec.step = 1``), a Budget on total weight bits (unit ``bits``: ``target`` is the
+  fraction of the fp32 weight bits kept, 0.25 = 8 bits on average);
+* uniform fake quantization (Jacob et al. 2018): weights per output channel, symmetric, scale
+  ``max|w_c| / qmax``; activations per tensor, asymmetric (``uint``), range observed as an exponential
+  moving average and nudged so that 0 is exact; rounding with the straight-through estimator
+  (``torch.fake_quantize_*``: gradient 1 inside the range, 0 outside);
+* placement of the activation quantizers with ``torch.fx`` at the points an integer runtime needs
+  them: the input of every quantized layer, the end of every ``conv -> [bn] -> [relu]`` unit and of
+  every residual ``add -> [relu]``, so that each convolution reads and writes 8-bit tensors; and, in
+  eval mode, the int32 grid (``input scale x weight scale``) of every folded bias (:class:`BiasGrid`),
+  so the fake-quant model computes what the integer model computes;
+* :func:`deploy_module`: the same network for ONNX export as a QDQ graph that carries the learned
+  scales: batch-norm folded into the per-channel weight scales (exact, because per-channel symmetric
+  quantization commutes with a per-channel factor), int8 weights, uint8 activations;
+* :func:`weight_codes`: the integer code of every quantized weight (what the tests count).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from torchpocket.config import opt, register_section
+from torchpocket.errors import UnsupportedModel, UserError
+from torchpocket.hpo.space import Budget, LayerSpec, Policy, SearchSpace
+
+FP_BITS = 32
+UNIFORM_BITS = (2, 8)  # symmetric per-channel needs 2 bits at least ({-1, 0, 1}); int8 deployment holds 8
+NON_UNIFORM_BITS = (1, 8)  # 2 centroids at 1 bit; indices packed into bytes
+
+
+@dataclass
+class QuantConfig:
+    """Options of ``uniform-quant`` and ``non-uniform-quant`` (config section ``quant``)."""
+
+    bits: int | None = opt(None, "every quantized layer at this many weight bits, no search (implies --hpo none; "
+                           "default: bits from the policy / --target)", flag="--bits")
+    min_bits: int = opt(2, "smallest weight bit-width of a layer in a mixed-precision search", flag="--min-bits")
+    max_bits: int = opt(8, "largest weight bit-width of a layer in a mixed-precision search", flag="--max-bits")
+    act_bits: int = opt(8, "uniform-quant: activation bits, per tensor (0 = weights only, and then no int8 "
+                        "ONNX model)", flag="--act-bits")
+    act_ema: float = opt(0.99, "uniform-quant: decay of the moving average of activation ranges during "
+                         "training (TF QAT: 0.999)", flag="--act-ema")
+    reduce_range: bool = opt(True, "uniform-quant: 8-bit weights use [-63, 63] (7 bits), the range ONNX Runtime's "
+                             "fast u8s8 kernels on AVX2 CPUs without VNNI need to avoid overflow",
+                             flag="--reduce-range")
+    calib_batches: int = opt(4, "training batches that initialise activation ranges of a candidate",
+                             flag="--quant-calib-batches")
+    kmeans_init: str = opt("linear", "non-uniform-quant: centroid initialisation (Han et al.: linear is best)",
+                           flag="--kmeans-init", choices=("linear", "quantile"))
+    kmeans_iters: int = opt(20, "non-uniform-quant: Lloyd iterations of the per-layer k-means",
+                            flag="--kmeans-iters")
+    kmeans_grad: str = opt("mean", "non-uniform-quant: a centroid's gradient is the sum of its weights' "
+                           "gradients divided by the cluster size (mean) or not (sum: Han et al. verbatim, needs "
+                           "a far smaller learning rate)", flag="--kmeans-grad", choices=("mean", "sum"))
+
+
+register_section("quant", QuantConfig)
+
+
+def check_config(c: QuantConfig, supported: tuple[int, int], learner: str) -> None:
+    """Reject bad bit settings with one clear line (a :class:`UserError`)."""
+    lo, hi = supported
+    if c.bits is not None and not lo <= c.bits <= hi:
+        raise UserError(f"--bits must be between {lo} and {hi} for {learner}, got {c.bits}")
+    for flag, v in (("--min-bits", c.min_bits), ("--max-bits", c.max_bits)):
+        if not lo <= v <= hi:
+            raise UserError(f"{flag} must be between {lo} and {hi} for {learner}, got {v}")
+    if c.min_bits > c.max_bits:
+        raise UserError(f"--min-bits ({c.min_bits}) must not exceed --max-bits ({c.max_bits})")
+    if c.act_bits and not 2 <= c.act_bits <= 8:
+        raise UserError(f"--act-bits must be 0 (off) or between 2 and 8, got {c.act_bits}")
+    if not 0 <= c.act_ema < 1:
+        raise UserError(f"--act-ema must be in [0, 1), got {c.act_ema}")
+    if c.calib_batches < 1:
+        raise UserError(f"--quant-calib-batches must be at least 1, got {c.calib_batches}")
+    if c.kmeans_iters < 0:
+        raise UserError(f"--kmeans-iters must not be negative, got {c.kmeans_iters}")
+
+
+# -- layers and the search space --------------------------------------------------------------
+
+
+def quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Conv2d and Linear modules with a weight, in registration order, each weight once."""
+    seen: set[int] = set()
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            w = m.weight
+            if isinstance(w, Tensor) and id(w) not in seen:
+                seen.add(id(w))
+                out.append((name, m))
+    return out
+
+
+def _kind(m: nn.Module) -> str:
+    if isinstance(m, nn.Linear):
+        return "linear"
+    return "dwconv" if m.groups > 1 and m.groups == m.in_channels else "conv"
+
+
+def layer_macs(model: nn.Module, x: Tensor) -> dict[str, int]:
+    """Multiply-adds of each Conv2d / Linear layer for one sample (for AMC's layer features)."""
+    macs: dict[str, int] = {}
+
+    def hook(name: str) -> Any:
+        def fn(mod: nn.Module, _inp: Any, out: Tensor) -> None:
+            per_out = mod.weight[0].numel()
+            macs.setdefault(name, int(out[0].numel() if isinstance(mod, nn.Conv2d) else out.numel() // max(
+                out.shape[0], 1)) * int(per_out))
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in quant_layers(model)]
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, was in modes.items():
+            m.training = was
+    return macs
+
+
+def bits_space(model: nn.Module, target: float, *, cfg: QuantConfig, fill: bool,
+               macs: dict[str, int] | None = None) -> SearchSpace:
+    """One entry per Conv2d / Linear layer: its weight bit-width (integer), Budget on total weight bits."""
+    layers = quant_layers(model)
+    if not layers:
+        raise UnsupportedModel("no Conv2d / Linear layer to quantize in this model")
+    lo, hi = (cfg.bits, cfg.bits) if cfg.bits is not None else (cfg.min_bits, cfg.max_bits)
+    sizes = [int(m.weight.numel()) for _, m in layers]
+    specs = []
+    for (name, m), n in zip(layers, sizes):
+        conv = isinstance(m, nn.Conv2d)
+        specs.append(LayerSpec(
+            name=name, kind=_kind(m), in_channels=m.in_channels if conv else m.in_features,
+            out_channels=m.out_channels if conv else m.out_features, stride=m.stride[0] if conv else 1,
+            kernel=m.kernel_size[0] if conv else 1, params=n, flops=(macs or {}).get(name, 0),
+            low=float(lo), high=float(hi), step=1.0))
+
+    def layer_costs(p: Policy) -> list[float]:
+        return [float(as_bits(b)) * n for b, n in zip(p, sizes)]
+
+    budget = Budget(cost_fn=lambda p: sum(layer_costs(p)), full=float(FP_BITS * sum(sizes)), target=target,
+                    lows=[float(lo)] * len(layers), highs=[float(hi)] * len(layers), steps=[1.0] * len(layers),
+                    layer_cost_fn=layer_costs, fill=fill, unit="bits")
+    return SearchSpace(specs, budget, meta={
+        "resource": "bits", "measure": "weight-bits",
+        "policy": "weight bit-width of each Conv2d / Linear layer (fraction of the fp32 weight bits kept)"})
+
+
+def as_bits(v: float) -> int:
+    """A policy value as an integer bit-width (the Budget already rounds; this guards hand-written policies)."""
+    return int(math.floor(float(v) + 0.5))
+
+
+def check_policy(policy: Policy, layers: list[tuple[str, nn.Module]], supported: tuple[int, int],
+                 learner: str) -> list[int]:
+    if len(policy) != len(layers):
+        raise UserError(f"{learner} expects one bit-width per Conv2d / Linear layer ({len(layers)}), "
+                        f"got {len(policy)} values")
+    bits = [as_bits(b) for b in policy]
+    bad = [b for b in bits if not supported[0] <= b <= supported[1]]
+    if bad:
+        raise UserError(f"{learner} supports {supported[0]}-{supported[1]} bits per layer, the policy has {bad[0]}")
+    return bits
+
+
+# -- uniform fake quantization ------------------------------------------------------------------
+
+
+def weight_qmax(bits: int, reduce_range: bool) -> int:
+    """Largest integer code of a symmetric ``bits``-bit weight (8 bits with reduce_range: 63, ORT's AVX2 range)."""
+    return 63 if bits == 8 and reduce_range else 2 ** (bits - 1) - 1
+
+
+def weight_scale(w: Tensor, qmax: int) -> Tensor:
+    """Per-output-channel symmetric scale ``max|w_c| / qmax`` (float32, never 0)."""
+    amax = w.detach().abs().reshape(w.shape[0], -1).amax(1)
+    return (amax / qmax).clamp_min(1e-12).float()
+
+
+def fake_quant_weight(w: Tensor, qmax: int) -> Tensor:
+    """Per-channel symmetric fake quantization with the straight-through estimator."""
+    s = weight_scale(w, qmax)
+    zp = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
+    return torch.fake_quantize_per_channel_affine(w, s.to(w.device), zp, 0, -qmax, qmax)
+
+
+class _QuantWeightMixin:
+    """Conv2d / Linear whose forward uses the fake-quantized weight (the latent fp32 weight is trained)."""
+
+    qbits: int
+    qmax: int
+
+    def quantized_weight(self) -> Tensor:
+        return fake_quant_weight(self.weight, self.qmax)  # type: ignore[attr-defined]
+
+    def weight_codes(self) -> tuple[Tensor, int]:
+        w = self.weight.detach()  # type: ignore[attr-defined]
+        s = weight_scale(w, self.qmax).reshape(-1, *([1] * (w.dim() - 1)))
+        return torch.round(w / s).clamp(-self.qmax, self.qmax).to(torch.int64), self.qbits
+
+
+class QConv2d(_QuantWeightMixin, nn.Conv2d):
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QLinear(_QuantWeightMixin, nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+
+def quantize_weights_(model: nn.Module, bits: dict[str, int], *, reduce_range: bool) -> None:
+    """Turn the named Conv2d / Linear modules of ``model`` into their fake-quant versions, in place."""
+    mods = dict(model.named_modules())
+    for name, b in bits.items():
+        m = mods[name]
+        m.__class__ = QConv2d if isinstance(m, nn.Conv2d) else QLinear
+        m.qbits, m.qmax = int(b), weight_qmax(int(b), reduce_range)
+
+
+class ActQuant(nn.Module):
+    """Per-tensor asymmetric fake quantization of an activation, range from an EMA of observed min / max.
+
+    Updates its range in training mode (and in eval mode while ``observe`` is set: calibration);
+    passes values through unchanged until it has seen one batch. ``deploy`` makes it export as an
+    ONNX uint8 QuantizeLinear / DequantizeLinear pair with constant scale and zero point.
+    """
+
+    def __init__(self, bits: int, *, ema: float = 0.99) -> None:
+        super().__init__()
+        self.bits, self.ema = int(bits), float(ema)
+        self.register_buffer("lo", torch.zeros(()))
+        self.register_buffer("hi", torch.zeros(()))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+        self.observe = False
+        self.deploy = False
+
+    @torch.no_grad()
+    def _update(self, x: Tensor) -> None:
+        lo, hi = x.min().float(), x.max().float()
+        if int(self.seen) == 0:
+            self.lo.copy_(lo)
+            self.hi.copy_(hi)
+        elif self.observe:  # calibration: running mean of per-batch extremes
+            k = float(self.seen)
+            self.lo.mul_(k / (k + 1)).add_(lo / (k + 1))
+            self.hi.mul_(k / (k + 1)).add_(hi / (k + 1))
+        else:
+            self.lo.mul_(self.ema).add_(lo * (1 - self.ema))
+            self.hi.mul_(self.ema).add_(hi * (1 - self.ema))
+        self.seen.add_(1)
+
+    def qparams(self) -> tuple[float, int]:
+        """(scale, zero point) of the current range, widened to contain 0 (Jacob et al.'s nudging)."""
+        n = 2 ** self.bits - 1
+        lo, hi = min(float(self.lo), 0.0), max(float(self.hi), 0.0)
+        scale = max((hi - lo) / n, 1e-8)
+        zp = int(min(max(round(-lo / scale), 0), n))
+        return scale, zp
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training or self.observe:
+            self._update(x.detach())
+        if int(self.seen) == 0:
+            return x
+        scale, zp = self.qparams()
+        n = 2 ** self.bits - 1
+        if self.deploy:
+            if self.bits < 8:  # the narrower grid inside uint8: clip to it, then the same scale / zero point
+                x = torch.clamp(x, (0 - zp) * scale, (n - zp) * scale)
+            return torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255)
+        return torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, n)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+# -- activation quantizer placement (torch.fx) ----------------------------------------------------
+
+_RELU_FUNCS = (F.relu, torch.relu, torch.relu_)
+_ADD_FUNCS = (operator.add, operator.iadd, torch.add)
+
+
+def _is_relu(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(mods.get(str(node.target)), (nn.ReLU, nn.ReLU6))
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCS
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _is_bn(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
+    return node.op == "call_module" and isinstance(mods.get(str(node.target)), nn.BatchNorm2d)
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADD_FUNCS:
+        return sum(isinstance(a, fx.Node) for a in node.args) == 2
+    return node.op == "call_method" and node.target in ("add", "add_")
+
+
+def _unit_end(node: fx.Node, mods: dict[str, nn.Module], *, through_bn: bool) -> fx.Node:
+    """Follow ``node`` through a single-user batch-norm (conv units) and then a ReLU."""
+    end = node
+    if through_bn and len(end.users) == 1:
+        (u,) = end.users
+        if _is_bn(u, mods):
+            end = u
+    if len(end.users) == 1:
+        (u,) = end.users
+        if _is_relu(u, mods):
+            end = u
+    return end
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx`` graph of ``model``; a model fx cannot trace is an :class:`UnsupportedModel`."""
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001 - any tracing failure: data-dependent control flow, etc.
+        msg = " ".join(str(e).split())[:200]
+        raise UnsupportedModel(f"uniform-quant places activation quantizers with torch.fx, which cannot trace "
+                               f"this model ({type(e).__name__}: {msg})") from None
+
+
+def insert_act_quant(gm: fx.GraphModule, layers: Iterable[str], *, bits: int, ema: float) -> list[str]:
+    """Add an :class:`ActQuant` after every tensor an integer runtime would hold in 8 bits; returns their names.
+
+    Quantized: the input of each layer in ``layers``, the end of each ``layer -> [bn] -> [relu]`` unit and
+    of each ``add -> [relu]``; never a graph output (the logits stay float). Deterministic in the graph order.
+    """
+    mods = dict(gm.named_modules())
+    wanted = set(layers)
+    points: dict[fx.Node, None] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and str(node.target) in wanted:
+            src = node.args[0]
+            if isinstance(src, fx.Node):
+                points[src] = None
+            points[_unit_end(node, mods, through_bn=True)] = None
+        elif _is_add(node):
+            points[_unit_end(node, mods, through_bn=False)] = None
+    names = []
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in sorted(points, key=order.__getitem__):
+        if any(u.op == "output" for u in node.users):
+            continue
+        name = f"act_quant_{len(names)}"
+        gm.add_submodule(name, ActQuant(bits, ema=ema))
+        with gm.graph.inserting_after(node):
+            q = gm.graph.call_module(name, (node,))
+        node.replace_all_uses_with(q, delete_user_cb=lambda u, q=q: u is not q)
+        names.append(name)
+    gm.graph.lint()
+    gm.recompile()
+    return names
+
+
+class BiasGrid(nn.Module):
+    """In eval mode, puts a quantized layer's (batch-norm-folded) bias on the int32 grid of the integer model.
+
+    An integer runtime adds each output channel's bias as an int32 on the grid ``input scale x weight scale``
+    (times ``|gamma / sigma|`` once batch-norm is folded). The QAT graph keeps batch-norm unfolded, so this
+    module adds the rounding error of that bias after the layer (or its batch-norm) at evaluation; training
+    is untouched. It holds its layer, batch-norm and input quantizer by reference (not as submodules).
+    """
+
+    def __init__(self, layer: nn.Module, bn: nn.BatchNorm2d | None, quant: ActQuant) -> None:
+        super().__init__()
+        object.__setattr__(self, "_refs", (layer, bn, quant))
+        self.enabled = True
+
+    def offset(self) -> Tensor:
+        layer, bn, quant = self._refs
+        w = layer.weight
+        out = w.shape[0]
+        b = layer.bias.detach().float() if layer.bias is not None else torch.zeros(out, device=w.device)
+        grid = weight_scale(w, layer.qmax).to(w.device) * quant.qparams()[0]
+        if bn is not None:
+            f = (bn.weight.detach() if bn.affine else torch.ones(out, device=w.device)) / torch.sqrt(
+                bn.running_var + bn.eps)
+            b = (b - bn.running_mean) * f + (bn.bias.detach() if bn.affine else 0.0)
+            grid = grid * f.abs()
+        grid = grid.clamp_min(1e-30)
+        return torch.round(b / grid) * grid - b
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training or not self.enabled or int(self._refs[2].seen) == 0:
+            return x
+        d = self.offset().to(x.dtype)
+        return x + (d.reshape(1, -1, *([1] * (x.dim() - 2))) if x.dim() > 2 else d)
+
+
+def insert_bias_grids(gm: fx.GraphModule) -> list[str]:
+    """Add a :class:`BiasGrid` after every fake-quant layer whose input is quantized (after its batch-norm)."""
+    mods = dict(gm.named_modules())
+    names = []
+    for node in list(gm.graph.nodes):
+        layer = mods.get(str(node.target)) if node.op == "call_module" else None
+        if not isinstance(layer, (QConv2d, QLinear)):
+            continue
+        src = node.args[0]
+        quant = mods.get(str(src.target)) if isinstance(src, fx.Node) and src.op == "call_module" else None
+        if not isinstance(quant, ActQuant):
+            continue
+        end, bn = node, None
+        users = list(node.users)
+        if isinstance(layer, QConv2d) and len(users) == 1 and _is_bn(users[0], mods):
+            end, bn = users[0], mods[str(users[0].target)]
+            if not (bn.track_running_stats and bn.running_var is not None):
+                continue
+        name = f"bias_grid_{len(names)}"
+        gm.add_submodule(name, BiasGrid(layer, bn, quant))
+        with gm.graph.inserting_after(end):
+            g = gm.graph.call_module(name, (end,))
+        end.replace_all_uses_with(g, delete_user_cb=lambda u, g=g: u is not g)
+        names.append(name)
+    gm.graph.lint()
+    gm.recompile()
+    return names
+
+
+def act_quantizers(model: nn.Module) -> dict[str, ActQuant]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, ActQuant)}
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Tensor]) -> None:
+    """Initialise every activation range from ``batches`` (eval mode: batch-norm statistics untouched)."""
+    aqs = list(act_quantizers(model).values())
+    if not aqs:
+        return
+    was = model.training
+    model.eval()
+    p = next(model.parameters(), None)
+    try:
+        for q in aqs:
+            q.seen.zero_()
+            q.observe = True
+        for x in batches:
+            model(x.to(p.device if p is not None else "cpu"))
+    finally:
+        for q in aqs:
+            q.observe = False
+        model.train(was)
+
+
+def weight_codes(model: nn.Module) -> dict[str, tuple[Tensor, int]]:
+    """Integer code of every weight of every quantized layer, with its bit-width (uniform and k-means)."""
+    return {n: m.weight_codes() for n, m in model.named_modules() if hasattr(m, "weight_codes")
+            and callable(m.weight_codes)}
+
+
+# -- deployment: QDQ-exportable module with batch-norm folded -------------------------------------
+
+
+class _DeployConv(nn.Module):
+    def __init__(self, conv: nn.Conv2d, weight: Tensor, bias: Tensor, scale: Tensor) -> None:
+        super().__init__()
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        zp = torch.zeros(self.weight.shape[0], dtype=torch.int32)
+        w = torch.fake_quantize_per_channel_affine(self.weight, self.scale, zp, 0, -128, 127)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _DeployLinear(nn.Module):
+    def __init__(self, weight: Tensor, bias: Tensor, scale: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        zp = torch.zeros(self.weight.shape[0], dtype=torch.int32)
+        w = torch.fake_quantize_per_channel_affine(self.weight, self.scale, zp, 0, -128, 127)
+        return F.linear(x, w, self.bias)
+
+
+@torch.no_grad()
+def deploy_module(model: nn.Module) -> fx.GraphModule:
+    """A copy of a ``uniform-quant`` model for int8 ONNX export (CPU, eval mode).
+
+    Each fake-quant Conv2d followed by a BatchNorm2d (its only user) is folded: with ``f = gamma / sqrt(var +
+    eps)`` the weight becomes ``W_q * f`` and its per-channel scale ``s * |f|``, so the int8 codes stay the
+    trained ones; the bias becomes ``(b - mean) * f + beta``. Weights export as int8 per-channel
+    QuantizeLinear / DequantizeLinear, activations as uint8 pairs with the observed scales.
+    """
+    if not isinstance(model, fx.GraphModule) or not act_quantizers(model):
+        raise UserError("the int8 ONNX export needs a uniform-quant model with activation quantizers "
+                        "(--act-bits > 0)")
+    gm = copy.deepcopy(model).cpu().eval()
+    gm.to(memory_format=torch.contiguous_format)
+    mods = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        m = mods.get(str(node.target)) if node.op == "call_module" else None
+        if isinstance(m, ActQuant):
+            m.deploy = True
+        if isinstance(m, BiasGrid):  # the exported int32 bias does this rounding
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            continue
+        if not isinstance(m, (QConv2d, QLinear)):
+            continue
+        w = m.quantized_weight().detach().float()
+        s = weight_scale(m.weight, m.qmax)
+        out = w.shape[0]
+        b = m.bias.detach().float() if m.bias is not None else torch.zeros(out)
+        if isinstance(m, QConv2d):
+            users = list(node.users)
+            bn = mods.get(str(users[0].target)) if len(users) == 1 and _is_bn(users[0], mods) else None
+            if isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and bn.running_var is not None:
+                f = (bn.weight if bn.affine else torch.ones(out)) / torch.sqrt(bn.running_var + bn.eps)
+                beta = bn.bias if bn.affine else torch.zeros(out)
+                w = w * f.reshape(-1, 1, 1, 1)
+                b = (b - bn.running_mean) * f + beta
+                s = s * f.abs()
+                users[0].replace_all_uses_with(node)
+                gm.graph.erase_node(users[0])
+            new: nn.Module = _DeployConv(m, w.contiguous(), b.float(), s.float().clamp_min(1e-12))
+        else:
+            new = _DeployLinear(w.contiguous(), b.float(), s.float())
+        _set_submodule(gm, str(node.target), new)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_name, _, attr = path.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
+
+
+@torch.no_grad()
+def float_model(model: nn.Module) -> nn.Module:
+    """The same network in fp32: quantized weights baked in as floats, activation quantizers removed.
+
+    This is what ``model.onnx`` holds for a uniform-quant run: the fp32 reference the int8 model is
+    timed against in the same runtime.
+    """
+    new = copy.deepcopy(model)
+    for m in new.modules():
+        if isinstance(m, (QConv2d, QLinear)):
+            w = m.quantized_weight().detach()
+            m.__class__ = nn.Conv2d if isinstance(m, QConv2d) else nn.Linear
+            del m.qbits, m.qmax
+            m.weight.data.copy_(w)
+        elif isinstance(m, ActQuant):
+            m.seen.zero_()  # an observer that has seen nothing passes values through
+            m.observe = False
+        elif isinstance(m, BiasGrid):
+            m.enabled = False
+    return new.eval()
