@@ -492,8 +492,12 @@ def make_learner(cfg: dict[str, Any], device: torch.device) -> Any:
     cls = LEARNERS.get(cfg["run"]["learner"])
     section = _section_of(cls)
     config = _dataclass_from(cls, cfg[section]) if section else None
+    from torchpocket.config import SECTIONS
+
+    # options a learner shares with another one's section (dis-chn-pruned reads chn-pruned's graph options)
+    extra = {kw: SECTIONS[sec](**cfg[sec]) for kw, sec in getattr(cls, "extra_sections", {}).items()}
     return cls(config=config, train_cfg=_train_cfg(cfg), device=device, quiet=cfg["run"]["quiet"],
-               seed=cfg["run"]["seed"])
+               seed=cfg["run"]["seed"], **extra)
 
 
 # ----------------------------------------------------------------------------- final stage

@@ -38,10 +38,16 @@ from torchpocket.datasets import DATASETS
 from torchpocket.errors import UnsupportedModel
 from torchpocket.learners import LEARNERS, create_learner
 from torchpocket.learners._quant import weight_codes
+from torchpocket.learners.dis_chn_pruned import DcpConfig
 from torchpocket.learners.training import TrainConfig
 from torchpocket.nets import create_net
 
 IMAGE = (3, 16, 16)
+# options that keep a learner's per-candidate training short on the suite's tiny data (the contract is the same)
+QUICK: dict[str, dict[str, Any]] = {
+    "dis-chn-pruned": {"config": DcpConfig(head_steps=10, block_steps=2, select_steps=2, samples=96, batch=32,
+                                           lsq_batches=1)},
+}
 SMALL_NETS = ["resnet20", "plain20", "user"]  # at every target
 BIG_NETS = ["resnet56", "vgg16", "mobilenet_v1", "mobilenet_v2", "tv:resnet18", "tv:mobilenet_v2"]  # at BIG_TARGET
 TARGETS = (0.3, 0.5, 0.7)
@@ -182,7 +188,8 @@ def dataset() -> Any:
 @functools.lru_cache(maxsize=1)  # cases run net by net: keep only the current one's calibration
 def prepared(learner_name: str, net: str) -> tuple[Any, nn.Module]:
     model = build_net(net).eval()
-    learner = create_learner(learner_name, train_cfg=TrainConfig(batch_size=32), quiet=True, seed=0)
+    learner = create_learner(learner_name, train_cfg=TrainConfig(batch_size=32), quiet=True, seed=0,
+                             **QUICK.get(learner_name, {}))
     learner.prepare(model, dataset())
     return learner, model
 
