@@ -17,6 +17,7 @@ import datetime as _dt
 import json
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -59,6 +60,10 @@ class SearchConfig:
     policy: str | None = opt(None, "policy.yaml to apply with --hpo none (per-layer values)")
     storage: str | None = opt(None, "Optuna RDB URL (sqlite:///search.db, postgresql://...) shared by workers")
     study_name: str | None = opt(None, "Optuna study name in --storage (default: derived from the run settings)")
+    final_only: bool = opt(False, "with --storage: no search, run the final stage on the best trial stored (when "
+                                  "the worker that drew the last trial died)")
+    worker_wait: float = opt(3600.0, "with --storage: seconds the worker that drew the last trial waits for the "
+                                     "other workers' trials before its final stage")
     resume: str | None = opt(None, "run directory of a killed search: continue from its last finished trial")
     export_onnx: bool = opt(True, "write model.onnx and check it against PyTorch with ONNX Runtime")
     latency_repeats: int = opt(20, "repeats for the latency figures in summary.json (median)")
@@ -297,6 +302,7 @@ class SearchResult:
     uniform_policy: list[float] | None
     seconds: float
     resource_unit: str
+    final: bool = True  # False: a parallel worker whose share is done; another worker runs the final stage
 
 
 def _study_name(cfg: dict[str, Any]) -> str:
@@ -391,14 +397,33 @@ def search(
     print(f"baseline val acc on the reward split ({len(val)} images): {base_val:.2f}%  |  "
           f"{len(names)} compressible layers, {episodes} trials with {run['hpo']}", flush=True)
 
+    shared = bool(sc["storage"])  # parallel workers: trial numbers are study-wide, the budget is shared
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    if sc["final_only"] and not shared:
+        raise UserError("--final-only runs the final stage of a search kept in --storage: give --storage")
+
+    def next_trial(t: int) -> tuple[list[float], int] | None:
+        if sc["final_only"]:
+            return None
+        if not shared:
+            return (optimizer.ask(), t) if t < episodes else None
+        policy = optimizer.ask()
+        if optimizer.last_number >= episodes:  # the other workers used the budget up
+            optimizer.abandon(policy, "over the shared budget")
+            return None
+        return policy, optimizer.last_number
+
     bar = progress(total=episodes, desc=f"search ({run['hpo']})", quiet=run["quiet"])
     bar.update(len(trials))
-    for t in range(len(trials), episodes):
+    t = len(trials)
+    while (nxt := next_trial(t)) is not None:
+        policy, number = nxt
         t0 = time.perf_counter()
-        policy = optimizer.ask()
-        seed_everything(run["seed"] * 100_003 + t)
-        record: dict[str, Any] = {"trial": t, "optimizer": run["hpo"], "policy": [float(v) for v in policy],
+        seed_everything(run["seed"] * 100_003 + number)
+        record: dict[str, Any] = {"trial": number, "optimizer": run["hpo"], "policy": [float(v) for v in policy],
                                   "resource": space.budget.fraction(policy)}
+        if shared:
+            record["worker"] = worker
         try:
             cand = learner.compress(model, policy)
             if sc["ft_steps"]:
@@ -414,9 +439,12 @@ def search(
         except (NonFiniteLoss, RuntimeError, ValueError) as e:  # diverged or failed to build: keep searching
             reward = compute_reward(sc["reward"], 0.0, full_flops, full_params)
             record.update(status="failed", val_acc=0.0, reward=reward, reason=f"{type(e).__name__}: {e}"[:300])
-        optimizer.tell(policy, reward)
         record["seconds"] = round(time.perf_counter() - t0, 3)
+        if shared:
+            optimizer.annotate(**{k: record[k] for k in ("status", "val_acc", "resource", "seconds", "worker")})
+        optimizer.tell(policy, reward)
         trials.append(record)
+        t += 1
         if log and state_path is not None and is_main_process():
             log.append(record)
             buf_state = {"optimizer": optimizer.state_dict(), "trials": len(trials)}
@@ -426,6 +454,16 @@ def search(
         bar.set_postfix_str(f"best reward {best:.4f} last acc {record['val_acc']:.2f}% "
                             f"res {record['resource']:.3f} {record['seconds']:.1f}s")
     bar.close()
+    final = True
+    if shared:
+        mine = [x["trial"] for x in trials]
+        final = sc["final_only"] or (episodes - 1) in mine  # the worker that drew the last trial finishes
+        if not final:
+            print(f"this worker evaluated trials {mine}; the search's {episodes} trials are all drawn, and the "
+                  f"worker that drew the last one runs the final stage", flush=True)
+            return SearchResult([], float("nan"), float("nan"), trials, names, None,
+                                time.perf_counter() - start, space.budget.unit, final=False)
+        trials = _shared_trials(optimizer, episodes, run["hpo"], wait=0.0 if sc["final_only"] else sc["worker_wait"])
     ok = [x for x in trials if x["status"] == "ok"]
     if not ok:
         reasons = "; ".join(sorted({x.get("reason", "") for x in trials}))[:300]
@@ -433,7 +471,29 @@ def search(
     best_t = max(ok, key=lambda x: x["reward"])
     uniform = space.budget.uniform() if len(space) else None
     return SearchResult(best_t["policy"], best_t["reward"], best_t["val_acc"], trials, names, uniform,
-                        time.perf_counter() - start, space.budget.unit)
+                        time.perf_counter() - start, space.budget.unit, final=final)
+
+
+def _shared_trials(optimizer: Any, episodes: int, hpo: str, *, wait: float) -> list[dict[str, Any]]:
+    """Every worker's trials from the shared study, once the budget's trials are all finished (or ``wait``
+    seconds have passed): the union that the final stage chooses from."""
+    deadline = time.monotonic() + wait
+    while True:
+        rows = [r for r in optimizer.shared_trials() if r["number"] < episodes]
+        if all(r["state"] not in ("RUNNING", "WAITING") for r in rows) or time.monotonic() >= deadline:
+            break
+        time.sleep(1.0)
+    out = []
+    for r in rows:
+        if r["state"] != "COMPLETE" or "policy" not in r:
+            continue
+        out.append({"trial": r["number"], "optimizer": hpo, "policy": [float(v) for v in r["policy"]],
+                    "resource": r.get("resource"), "status": r.get("status", "ok"), "val_acc": r.get("val_acc"),
+                    "reward": float(r["value"]), "seconds": r.get("seconds"), "worker": r.get("worker")})
+    running = sum(r["state"] == "RUNNING" for r in rows)
+    print(f"shared study: {len(out)} finished trials of {episodes}" + (f", {running} still running (not waited for)"
+                                                                         if running else ""), flush=True)
+    return out
 
 
 def _mean(xs: list[float]) -> float:
@@ -590,9 +650,15 @@ def _summary(base: nn.Module, final: nn.Module, data: DataBundle, cfg: dict[str,
         "speedup_b1": lat1["baseline"] / lat1["compressed"], "speedup_b64": lat64["baseline"] / lat64["compressed"],
         "search_seconds": result.seconds if result else 0.0, "retrain_seconds": retrain_s,
         "trials": len(result.trials) if result else 0,
-        "seconds_per_trial": _mean([t["seconds"] for t in result.trials]) if result else 0.0,
+        "seconds_per_trial": _mean([t["seconds"] or 0.0 for t in result.trials]) if result else 0.0,
         "machine": machine_description(),
     }
+    if result is not None and result.trials:
+        ok = [t for t in result.trials if t["status"] == "ok"]
+        best = max(ok, key=lambda t: t["reward"]) if ok else None
+        summary["search"] = {"best_trial": best["trial"] if best else None, "best_reward": result.best_reward,
+                             "best_val_acc": result.best_val_acc,
+                             "workers": len({t.get("worker") for t in result.trials if t.get("worker")}) or 1}
     if cfg["search"]["export_onnx"]:
         path = None
         try:
@@ -705,6 +771,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         base, info = resolve_baseline(cfg, data, device)
         base.to(device).eval()
         result = search(learner, base, data, cfg, run_dir=run_dir, device=device)
+        if not result.final:
+            return {"final": False, "trials": len(result.trials)}
         print(f"search done in {result.seconds:.0f}s: best reward {result.best_reward:.4f}, "
               f"val acc {result.best_val_acc:.2f}% (reward split)", flush=True)
         return finalize(learner, base, result, data, cfg, run_dir=run_dir, device=device,

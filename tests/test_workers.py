@@ -1,0 +1,78 @@
+"""Parallel search workers: independent ``run.py`` processes sharing one Optuna study (SQLite, PostgreSQL).
+
+The PostgreSQL case needs a server: ``eval "$(.ci/postgres.sh)"`` starts one on loopback and sets
+``TORCHPOCKET_TEST_POSTGRES`` (``.ci/run`` does this); without it the case is skipped with that hint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+
+from torchpocket.cli import main
+
+TINY = ["--dataset", "synthetic", "--net", "resnet20", "--learner", "chn-pruned", "--target", "0.5", "--device", "cpu",
+        "--quiet", "--epochs", "1", "--retrain-epochs", "0", "--no-export-onnx", "--reward-val-size", "64",
+        "--latency-repeats", "2", "--calib-batches", "2", "--threads", "1"]
+BUDGET = 8
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def storages() -> list[object]:
+    pg = os.environ.get("TORCHPOCKET_TEST_POSTGRES")
+    skip = pytest.mark.skip(reason="no PostgreSQL server: run `eval \"$(.ci/postgres.sh)\"` (sets "
+                                   "TORCHPOCKET_TEST_POSTGRES) to enable this case")
+    return ["sqlite", pytest.param("postgresql", marks=() if pg else skip)]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A cache holding the tiny baseline, trained once, so every worker starts from the same model."""
+    root = tmp_path_factory.mktemp("workers")
+    os.environ["TORCHPOCKET_CACHE"] = str(root / "cache")
+    try:
+        assert main([*TINY, "--hpo", "uniform", "--out-dir", str(root / "base")]) == 0
+    finally:
+        del os.environ["TORCHPOCKET_CACHE"]
+    return str(root / "cache")
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("kind", storages())
+def test_two_workers_share_one_study(kind: str, cache: str, tmp_path: Path) -> None:
+    env = {**os.environ, "TORCHPOCKET_CACHE": cache, "PYTHONPATH": str(ROOT)}
+    url = f"sqlite:///{tmp_path / 'search.db'}" if kind == "sqlite" else os.environ["TORCHPOCKET_TEST_POSTGRES"]
+    study = f"workers-{uuid.uuid4().hex[:8]}"
+    argv = [sys.executable, str(ROOT / "run.py"), *TINY, "--hpo", "tpe", "--episodes", str(BUDGET),
+            "--storage", url, "--study-name", study]
+    procs = [subprocess.Popen([*argv, "--seed", str(i), "--out-dir", str(tmp_path / f"worker{i}")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out
+
+    stored = optuna.load_study(study_name=study, storage=url).get_trials(deepcopy=False)
+    done = [t for t in stored if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.number for t in done) == list(range(BUDGET))  # the budget exactly: none lost, none extra
+    assert all(t.state != optuna.trial.TrialState.RUNNING for t in stored)
+    logged = []
+    for i in range(2):
+        (run_dir,) = (tmp_path / f"worker{i}").iterdir()
+        logged += [json.loads(ln) for ln in (run_dir / "trials.jsonl").read_text().splitlines()]
+    assert sorted(r["trial"] for r in logged) == list(range(BUDGET))  # each trial evaluated by exactly one worker
+    assert len({r["worker"] for r in logged}) == 2, "both workers should have evaluated trials"
+
+    summaries = list(tmp_path.glob("worker*/*/summary.json"))
+    assert len(summaries) == 1, "the final stage runs once, in one worker"
+    best = max(done, key=lambda t: t.value)
+    summary = json.loads(summaries[0].read_text())
+    assert summary["trials"] == BUDGET
+    assert summary["search"]["best_trial"] == best.number
+    assert summary["search"]["best_reward"] == pytest.approx(best.value)
