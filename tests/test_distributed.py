@@ -83,3 +83,31 @@ def test_global_batch_must_split_across_ranks(monkeypatch: Any) -> None:
     assert distributed.per_rank_batch(12) == 4
     with pytest.raises(UserError, match="does not split evenly across 3 ranks"):
         distributed.per_rank_batch(16)
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_run_py_matches_single_process_and_writes_one_run_dir(tmp_path: Any) -> None:
+    """``torchrun --nproc_per_node=2 run.py ...`` (Gloo) trains like ``run.py ...`` with the same global batch."""
+    import subprocess
+    import sys
+
+    import torchpocket
+    from torchpocket.cli import main
+
+    argv = ["--learner", "full-prec", "--net", "lenet5", "--dataset", "synthetic", "--epochs", "2", "--threads", "1",
+            "--lr", "0.02", "--batch-size", "32", "--device", "cpu", "--quiet", "--no-channels-last"]
+    assert main([*argv, "--out-dir", str(tmp_path / "single")]) == 0
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(root / "run.py"), *argv, "--out-dir", str(tmp_path / "ddp")],
+                          capture_output=True, text=True, timeout=280, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (single,) = (tmp_path / "single").iterdir()
+    dirs = list((tmp_path / "ddp").iterdir())
+    assert len(dirs) == 1, f"one run directory, written by rank 0: {dirs}"
+    assert proc.stdout.count("run directory: ") == 1  # rank 1 prints nothing
+    a = torchpocket.load(single / "model.pt").state_dict()
+    b = torchpocket.load(dirs[0] / "model.pt").state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, k=k: f"torchrun vs one process, {k}: {m}")

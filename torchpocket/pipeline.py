@@ -14,11 +14,13 @@ import contextlib
 import copy
 import csv
 import datetime as _dt
+import io
 import json
 import math
 import os
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ import torch
 import yaml
 from torch import nn
 
+from torchpocket import distributed
 from torchpocket.config import dump_yaml, opt, register_section
 from torchpocket.datasets import DataBundle, Split, load_dataset
 from torchpocket.errors import UserError
@@ -418,6 +421,7 @@ def search(
     t = len(trials)
     while (nxt := next_trial(t)) is not None:
         policy, number = nxt
+        policy = distributed.broadcast_object(list(policy))  # under torchrun rank 0 decides for every rank
         t0 = time.perf_counter()
         seed_everything(run["seed"] * 100_003 + number)
         record: dict[str, Any] = {"trial": number, "optimizer": run["hpo"], "policy": [float(v) for v in policy],
@@ -593,6 +597,8 @@ def finalize(
     test_loader = data.loader("test", batch_size=500)
     test_final = evaluate(final, test_loader, device=device)
     test_base = evaluate(base, test_loader, device=device)
+    if not distributed.is_main():  # rank 0 writes the files and measures latency
+        return {"test_acc": test_final}
     names = result.layer_names if result else []
     policy_map = dict(zip(names, policy))
     arch = learner.arch_state(final)
@@ -753,6 +759,11 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if run_cfg["threads"]:
         torch.set_num_threads(run_cfg["threads"])
     device = resolve_device(run_cfg["device"])
+    if distributed.init_from_env(device):  # launched by torchrun: every rank runs this, rank 0 decides and writes
+        device = distributed.local_device(device)
+        if cfg["search"]["storage"] or cfg["search"]["resume"]:
+            raise UserError("under torchrun, give neither --storage nor --resume: parallel search workers are "
+                            "separate run.py processes, and a data-parallel run restarts from scratch")
     seed_everything(run_cfg["seed"])
     if cfg["search"]["policy"] and run_cfg["hpo"] != "none":
         raise UserError("--policy applies a fixed policy: use it with --hpo none")
@@ -762,7 +773,17 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if learner.searchable and run_cfg["target"] >= 1.0 and run_cfg["hpo"] != "none":
         print(f"warning: --target {run_cfg['target']:g} keeps everything; pass e.g. --target 0.5", file=sys.stderr)
     data = load_data(cfg)
+    if not distributed.is_main():  # one run directory, on rank 0; the other ranks compute and stay silent
+        with tempfile.TemporaryDirectory(prefix="torchpocket-rank") as tmp, \
+                contextlib.redirect_stdout(io.StringIO()):
+            return _run_in(RunDir(Path(tmp)), cfg, learner, data, device)
     run_dir = RunDir(Path(cfg["search"]["resume"])) if cfg["search"]["resume"] else RunDir.create(cfg)
+    return _run_in(run_dir, cfg, learner, data, device)
+
+
+def _run_in(run_dir: RunDir, cfg: dict[str, Any], learner: Any, data: DataBundle,
+            device: torch.device) -> dict[str, Any]:
+    run_cfg = cfg["run"]
     with run_dir.tee():
         print(f"run directory: {run_dir.path}", flush=True)
         atomic_write_text(run_dir.path / "config.yaml", dump_yaml(cfg))
@@ -829,8 +850,9 @@ def _train_baseline(learner: Any, cfg: dict[str, Any], data: DataBundle, run_dir
         model = create_net(run["net"], in_channels=data.in_channels, num_classes=data.num_classes)
     model.to(device)
     start = time.perf_counter()
-    history = fit(model, data.loader("train", batch_size=tc.batch_size, train=True, seed=run["seed"]),
-                  data.loader("val", batch_size=512), cfg=tc, device=device, quiet=run["quiet"])
+    train_loader = data.loader("train", batch_size=distributed.per_rank_batch(tc.batch_size), train=True,
+                               seed=run["seed"], rank=distributed.rank(), world_size=distributed.world_size())
+    history = fit(model, train_loader, data.loader("val", batch_size=512), cfg=tc, device=device, quiet=run["quiet"])
     seconds = time.perf_counter() - start
     model.to(memory_format=torch.contiguous_format)
     test_acc = evaluate(model, data.loader("test", batch_size=512), device=device)
