@@ -30,7 +30,7 @@ run: $(STAMP) data
 	$(PY) run.py --learner chn-pruned --hpo ddpg --target 0.5
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile  # two worker processes, each test file on one of them
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

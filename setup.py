@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         "gp": ["scikit-optimize>=0.10"],
-        "test": ["pytest", "pytest-timeout", "ruff", "scikit-optimize>=0.10", "psycopg[binary]"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "ruff", "scikit-optimize>=0.10", "psycopg[binary]"],
         "dist": ["psycopg[binary]"],  # PostgreSQL storage for parallel search workers (SQLAlchemy 2 driver)
     },
     entry_points={"console_scripts": ["torchpocket=torchpocket.cli:main"]},
