@@ -35,6 +35,8 @@ from torch import Tensor, fx, nn
 from torchpocket.config import opt, register_section
 from torchpocket.errors import UnsupportedModel, UserError
 from torchpocket.hpo.space import Budget, LayerSpec, Policy, SearchSpace
+from torchpocket.learners._layers import layer_kind
+from torchpocket.learners._layers import weight_layers as quant_layers
 
 FP_BITS = 32
 UNIFORM_BITS = (2, 8)  # symmetric per-channel needs 2 bits at least ({-1, 0, 1}); int8 deployment holds 8
@@ -93,23 +95,8 @@ def check_config(c: QuantConfig, supported: tuple[int, int], learner: str) -> No
 # -- layers and the search space --------------------------------------------------------------
 
 
-def quant_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Conv2d and Linear modules with a weight, in registration order, each weight once."""
-    seen: set[int] = set()
-    out = []
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            w = m.weight
-            if isinstance(w, Tensor) and id(w) not in seen:
-                seen.add(id(w))
-                out.append((name, m))
-    return out
 
 
-def _kind(m: nn.Module) -> str:
-    if isinstance(m, nn.Linear):
-        return "linear"
-    return "dwconv" if m.groups > 1 and m.groups == m.in_channels else "conv"
 
 
 def layer_macs(model: nn.Module, x: Tensor) -> dict[str, int]:
@@ -149,7 +136,7 @@ def bits_space(model: nn.Module, target: float, *, cfg: QuantConfig, fill: bool,
     for (name, m), n in zip(layers, sizes):
         conv = isinstance(m, nn.Conv2d)
         specs.append(LayerSpec(
-            name=name, kind=_kind(m), in_channels=m.in_channels if conv else m.in_features,
+            name=name, kind=layer_kind(m), in_channels=m.in_channels if conv else m.in_features,
             out_channels=m.out_channels if conv else m.out_features, stride=m.stride[0] if conv else 1,
             kernel=m.kernel_size[0] if conv else 1, params=n, flops=(macs or {}).get(name, 0),
             low=float(lo), high=float(hi), step=1.0))
@@ -364,15 +351,19 @@ def insert_act_quant(gm: fx.GraphModule, layers: Iterable[str], *, bits: int, em
     for node in sorted(points, key=order.__getitem__):
         if any(u.op == "output" for u in node.users):
             continue
-        name = f"act_quant_{len(names)}"
-        gm.add_submodule(name, ActQuant(bits, ema=ema))
-        with gm.graph.inserting_after(node):
-            q = gm.graph.call_module(name, (node,))
-        node.replace_all_uses_with(q, delete_user_cb=lambda u, q=q: u is not q)
-        names.append(name)
+        names.append(_insert_after(gm, node, f"act_quant_{len(names)}", ActQuant(bits, ema=ema)))
     gm.graph.lint()
     gm.recompile()
     return names
+
+
+def _insert_after(gm: fx.GraphModule, node: fx.Node, name: str, module: nn.Module) -> str:
+    """Add ``module`` as ``name`` and route every use of ``node``'s output through it; returns ``name``."""
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, (node,))
+    node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+    return name
 
 
 class BiasGrid(nn.Module):
@@ -428,12 +419,7 @@ def insert_bias_grids(gm: fx.GraphModule) -> list[str]:
             end, bn = users[0], mods[str(users[0].target)]
             if not (bn.track_running_stats and bn.running_var is not None):
                 continue
-        name = f"bias_grid_{len(names)}"
-        gm.add_submodule(name, BiasGrid(layer, bn, quant))
-        with gm.graph.inserting_after(end):
-            g = gm.graph.call_module(name, (end,))
-        end.replace_all_uses_with(g, delete_user_cb=lambda u, g=g: u is not g)
-        names.append(name)
+        names.append(_insert_after(gm, end, f"bias_grid_{len(names)}", BiasGrid(layer, bn, quant)))
     gm.graph.lint()
     gm.recompile()
     return names

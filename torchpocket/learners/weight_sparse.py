@@ -49,6 +49,8 @@ from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
 from torchpocket.hpo.space import Budget, LayerSpec, Policy, SearchSpace
 from torchpocket.learners import register_learner
+from torchpocket.learners._layers import layer_kind
+from torchpocket.learners._layers import weight_layers as prunable_layers
 from torchpocket.learners.base import Learner
 from torchpocket.learners.training import fit
 
@@ -122,23 +124,8 @@ def unpack_mask(bits: np.ndarray, shape: list[int] | tuple[int, ...]) -> Tensor:
     return torch.from_numpy(np.unpackbits(np.asarray(bits, np.uint8), count=n).astype(bool)).reshape(*shape)
 
 
-def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Conv2d (depthwise included) and Linear modules with a weight, each weight once (tied ones skipped)."""
-    seen: set[int] = set()
-    out = []
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and isinstance(getattr(m, "weight", None), Tensor):
-            if id(m.weight) in seen:
-                continue
-            seen.add(id(m.weight))
-            out.append((name, m))
-    return out
 
 
-def _kind(m: nn.Module) -> str:
-    if isinstance(m, nn.Linear):
-        return "linear"
-    return "dwconv" if m.groups > 1 and m.groups == m.in_channels else "conv"
 
 
 def _masks_of(model: nn.Module) -> dict[str, Tensor]:
@@ -334,7 +321,7 @@ class WeightSparseLearner(Learner):
         for (name, m), n, low in zip(searched, sizes, lows):
             conv = isinstance(m, nn.Conv2d)
             layers.append(LayerSpec(
-                name=name, kind=_kind(m), in_channels=m.in_channels if conv else m.in_features,
+                name=name, kind=layer_kind(m), in_channels=m.in_channels if conv else m.in_features,
                 out_channels=m.out_channels if conv else m.out_features, stride=m.stride[0] if conv else 1,
                 kernel=m.kernel_size[0] if conv else 1, params=n, flops=self._macs.get(name, 0), low=low, high=1.0,
             ))
