@@ -156,6 +156,23 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, right: Se
     return "\n".join(lines) + "\n"
 
 
+def accuracy_table(bench: Bench, runs: dict[tuple[float, str], list[Run]], *, first: str,
+                   label: Callable[[float], str] = lambda t: f"{t:g}") -> str:
+    """Per target: each optimizer's val acc before fine-tuning and test acc after re-training (PocketFlow's shape)."""
+    a = bench.args
+    head = [first]
+    for name in a.optimizers:
+        head += [f"`{name}`: val, no FT", f"`{name}` + re-train: test"]
+    rows = []
+    for t in a.targets:
+        row = [label(t)]
+        for name in a.optimizers:
+            rs = runs[(t, name)]
+            row += [pm([r.val_acc for r in rs]), pm([r.test_acc for r in rs])]
+        rows.append(row)
+    return md_table(head, rows)
+
+
 def emit(text: str, out: str | None, *, first: bool) -> None:
     """Print ``text`` and append it to ``out`` (``first`` starts the file afresh)."""
     print(text, flush=True)

@@ -40,6 +40,7 @@ import torch
 from _common import (
     Bench,
     Run,
+    accuracy_table,
     add_common_args,
     emit,
     header,
@@ -81,17 +82,7 @@ SELECTION_LABELS = {
 
 def accuracy_tables(bench: Bench, runs: dict[tuple[float, str], list[Run]]) -> str:
     a = bench.args
-    head = ["FLOPs target"]
-    for name in a.optimizers:
-        head += [f"`{name}`: val, no FT", f"`{name}` + re-train: test"]
-    rows = []
-    for t in a.targets:
-        row = [f"{t:g}"]
-        for name in a.optimizers:
-            rs = runs[(t, name)]
-            row += [pm([r.val_acc for r in rs]), pm([r.test_acc for r in rs])]
-        rows.append(row)
-    text = "### Accuracy (%) at each FLOPs target\n\n" + md_table(head, rows)
+    text = "### Accuracy (%) at each FLOPs target\n\n" + accuracy_table(bench, runs, first="FLOPs target")
     how = ("least-squares reconstruction" if bench.learner_name == "chn-pruned" else
            "the learner's own channel selection and stage-wise optimisation (part of building the candidate)")
     text += (f"\nval, no FT: the search's best candidate on the first {bench.reward_size} validation images, with "

@@ -30,6 +30,7 @@ import torch
 from _common import (
     Bench,
     Run,
+    accuracy_table,
     add_common_args,
     emit,
     header,
@@ -68,17 +69,8 @@ def record_size(bench: Bench, tmp: Path) -> Any:
 
 def tables(bench: Bench, runs: dict[tuple[float, str], list[Run]]) -> str:
     a = bench.args
-    head = ["density (sparsity)"]
-    for name in a.optimizers:
-        head += [f"`{name}`: val, no FT", f"`{name}` + re-train: test"]
-    rows = []
-    for t in a.targets:
-        row = [f"{t:g} ({100 * (1 - t):.0f}%)"]
-        for name in a.optimizers:
-            rs = runs[(t, name)]
-            row += [pm([r.val_acc for r in rs]), pm([r.test_acc for r in rs])]
-        rows.append(row)
-    text = "### Accuracy (%) at each density\n\n" + md_table(head, rows)
+    text = "### Accuracy (%) at each density\n\n" + accuracy_table(
+        bench, runs, first="density (sparsity)", label=lambda t: f"{t:g} ({100 * (1 - t):.0f}%)")
     text += (f"\nval, no FT: the search's best candidate on the first {bench.reward_size} validation images after "
              "one-shot magnitude pruning, no fine-tuning (the reward; `uniform` evaluates its one policy once per "
              "seed). test: that policy after the re-training budget above, where each layer goes from dense to its "
