@@ -145,15 +145,18 @@ def mixed_rows(bench: Bench, avg_bits: list[int]) -> tuple[list[list[Any]], list
     rows, notes = [], []
     for b in avg_bits:
         target = b / 32
-        single = b <= bench.cfg["quant"]["min_bits"]  # the Budget admits one policy: every layer at b bits
+        # at an average of --min-bits or less the Budget would admit one policy (every layer at b bits):
+        # such a row lets layers go one bit lower (1 bit = binary), as PocketFlow's 2-bit search does
+        lo = a.min_bits if b > a.min_bits else max(1, b - 1)
+        single = b <= lo
         for opt in ["uniform", *a.optimizers]:
             if single and opt != "uniform":
                 rows.append([f"{b}", f"`{opt}`", "= uniform", "", "", "", "–"])
                 continue
             tests, vals, avgs, spans, secs = [], [], [], [], []
             for seed in a.seeds:
-                run: Run = bench.search(opt, seed=seed, target=target)
-                bench.retrain_and_test(run)
+                run: Run = bench.search(opt, seed=seed, target=target, min_bits=lo)
+                bench.retrain_and_test(run, min_bits=lo)
                 print(progress_line(run), flush=True)
                 tests.append(run.test_acc)
                 vals.append(run.val_acc)
@@ -163,9 +166,12 @@ def mixed_rows(bench: Bench, avg_bits: list[int]) -> tuple[list[list[Any]], list
             rows.append([f"{b}", f"`{opt}`", pm(avgs, 3), " / ".join(sorted(set(spans))), pm(vals), pm(tests),
                          f"{np.mean(secs):.0f}"])
         if single:
-            notes.append(f"At {b} bits on average with --min-bits {bench.cfg['quant']['min_bits']} the Budget "
-                         f"admits one policy (every layer at {b} bits): there is nothing to search, so the "
-                         "optimizers are not run (`= uniform`).")
+            notes.append(f"At {b} bits on average with --min-bits {lo} the Budget admits one policy (every layer "
+                         f"at {b} bits): there is nothing to search, so the optimizers are not run (`= uniform`).")
+        elif lo != a.min_bits:
+            notes.append(f"The {b}-bit rows search {lo}-{a.max_bits} bits per layer (`--min-bits {lo}`; 1 bit = "
+                         f"binary, `sign(w) * mean|w_c|`): with --min-bits {a.min_bits} a {b}-bit average admits "
+                         "one policy only.")
     return rows, notes
 
 
@@ -202,6 +208,10 @@ def main() -> None:
     add_common_args(ap, optimizers=("ddpg",), targets=(0.5,))
     ap.add_argument("--avg-bits", type=int, nargs="+", default=[4, 2],
                     help="average weight bits compared, uniform vs searched (default: %(default)s)")
+    ap.add_argument("--min-bits", type=int, default=2,
+                    help="smallest bits of a layer in the searches; a row whose average is at or below it searches "
+                         "from one bit lower (default: %(default)s)")
+    ap.add_argument("--max-bits", type=int, default=8, help="largest bits of a layer (default: %(default)s)")
     ap.add_argument("--nonuniform-bits", type=int, nargs="+", default=[4, 2],
                     help="k-means bits per layer (default: %(default)s)")
     ap.add_argument("--ft-steps", type=int, default=50,
@@ -213,8 +223,10 @@ def main() -> None:
                     choices=["int8", "mixed", "nonuniform"], help="which tables to run (default: all)")
     args = ap.parse_args()
     for b in args.avg_bits:
-        if not 2 <= b <= 8:
-            raise UserError(f"--avg-bits must be between 2 and 8 (uniform-quant), got {b}")
+        if not 1 <= b <= 8:
+            raise UserError(f"--avg-bits must be between 1 and 8 (uniform-quant), got {b}")
+    if not 1 <= args.min_bits <= args.max_bits <= 8:
+        raise UserError("--min-bits and --max-bits must satisfy 1 <= min <= max <= 8")
     for b in args.nonuniform_bits:
         if not 1 <= b <= 8:
             raise UserError(f"--nonuniform-bits must be between 1 and 8, got {b}")
@@ -225,6 +237,7 @@ def main() -> None:
     start = time.perf_counter()
     bench = setup(args, learner="uniform-quant", section="quant")
     bench.cfg["search"]["ft_steps"] = args.ft_steps
+    bench.cfg["quant"].update(min_bits=args.min_bits, max_bits=args.max_bits)
     out = args.out
     emit(header("Quantization (`uniform-quant`, `non-uniform-quant`)", bench), out, first=True)
     with tempfile.TemporaryDirectory() as d:

@@ -109,8 +109,8 @@ def test_mixed_precision_search_stays_under_the_bit_budget(capsys: pytest.Captur
 
 
 @pytest.mark.parametrize(("argv", "expect"), [
-    (["--learner", "uniform-quant", "--bits", "0"], "--bits must be between 2 and 8"),
-    (["--learner", "uniform-quant", "--bits", "9"], "--bits must be between 2 and 8"),
+    (["--learner", "uniform-quant", "--bits", "0"], "--bits must be between 1 and 8"),
+    (["--learner", "uniform-quant", "--bits", "9"], "--bits must be between 1 and 8"),
     (["--learner", "non-uniform-quant", "--bits", "9"], "--bits must be between 1 and 8"),
     (["--learner", "uniform-quant", "--min-bits", "6", "--max-bits", "4", "--hpo", "ddpg", "--target", "0.2"],
      "--min-bits (6) must not exceed --max-bits (4)"),

@@ -81,6 +81,30 @@ def test_weight_fake_quant_is_per_channel_symmetric_with_ste() -> None:
     torch.testing.assert_close(w.grad, g)  # straight-through: inside the range the gradient passes unchanged
 
 
+def test_one_bit_weights_are_binary_with_mean_scale_and_ste() -> None:
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    q = fake_quant_weight(w, 1, binary=True)
+    a = w.detach().abs().reshape(6, -1).mean(1).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(q.detach(), torch.where(w.detach() >= 0, a, -a))  # sign(w) * mean|w_c|, no 0
+    assert all(r.unique().numel() == 2 for r in q.detach().reshape(6, -1))
+    g = torch.randn_like(w)
+    (q * g).sum().backward()
+    torch.testing.assert_close(w.grad, g)
+
+
+def test_one_bit_layers_hold_two_codes_and_the_integer_model_matches(tmp_path: Path) -> None:
+    _, _, cand = compressed(1)
+    codes = weight_codes(cand)
+    assert codes and all(b == 1 and set(c.unique().tolist()) == {-1, 1} for c, b in codes.values())
+    path = export_int8_onnx(cand, tmp_path / "w1.int8.onnx", SHAPE)
+    x = torch.randn(128, *SHAPE, generator=torch.Generator().manual_seed(6))
+    got = onnx_predict(path, x)
+    with torch.no_grad():
+        ref = cand(x).numpy()
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
+    assert np.abs(got - ref).mean() < 0.01 * np.abs(ref).mean()
+
+
 def test_activation_quantizer_ema_and_zero_point() -> None:
     q = ActQuant(8, ema=0.5)
     x = torch.linspace(0.5, 3.0, 100)  # all positive: the grid is widened to contain 0, exactly representable
@@ -221,10 +245,10 @@ def test_untraceable_model_is_refused_with_the_reason() -> None:
 
 
 @pytest.mark.parametrize(("cfg", "match"), [
-    ({"bits": 0}, "--bits must be between 2 and 8"),
-    ({"bits": 9}, "--bits must be between 2 and 8"),
+    ({"bits": 0}, "--bits must be between 1 and 8"),
+    ({"bits": 9}, "--bits must be between 1 and 8"),
     ({"min_bits": 6, "max_bits": 4}, "must not exceed --max-bits"),
-    ({"min_bits": 1}, "--min-bits must be between 2 and 8"),
+    ({"min_bits": 0}, "--min-bits must be between 1 and 8"),
     ({"act_bits": 12}, "--act-bits"),
 ])
 def test_bad_bit_settings(cfg: dict[str, Any], match: str) -> None:

@@ -5,8 +5,9 @@
   (an integer: ``LayerSpec.step = 1``), a Budget on total weight bits (unit ``bits``: ``target`` is the
   fraction of the fp32 weight bits kept, 0.25 = 8 bits on average);
 * uniform fake quantization (Jacob et al. 2018): weights per output channel, symmetric, scale
-  ``max|w_c| / qmax``; activations per tensor, asymmetric (``uint``), range observed as an exponential
-  moving average and nudged so that 0 is exact; rounding with the straight-through estimator
+  ``max|w_c| / qmax`` (at 1 bit, binary: ``sign(w) * mean|w_c|``, Rastegari et al. 2016's BWN);
+  activations per tensor, asymmetric (``uint``), range observed as an exponential moving average
+  and nudged so that 0 is exact; rounding with the straight-through estimator
   (``torch.fake_quantize_*``: gradient 1 inside the range, 0 outside);
 * placement of the activation quantizers with ``torch.fx`` at the points an integer runtime needs
   them: the input of every quantized layer, the end of every ``conv -> [bn] -> [relu]`` unit and of
@@ -39,7 +40,7 @@ from torchpocket.learners._layers import layer_kind
 from torchpocket.learners._layers import weight_layers as quant_layers
 
 FP_BITS = 32
-UNIFORM_BITS = (2, 8)  # symmetric per-channel needs 2 bits at least ({-1, 0, 1}); int8 deployment holds 8
+UNIFORM_BITS = (1, 8)  # 1 bit: binary {-a, +a} (BWN); 2 bits and up: symmetric {-qmax..qmax}; int8 holds 8
 NON_UNIFORM_BITS = (1, 8)  # 2 centroids at 1 bit; indices packed into bytes
 
 
@@ -173,21 +174,34 @@ def check_policy(policy: Policy, layers: list[tuple[str, nn.Module]], supported:
 
 
 def weight_qmax(bits: int, reduce_range: bool) -> int:
-    """Largest integer code of a symmetric ``bits``-bit weight (8 bits with reduce_range: 63, ORT's AVX2 range)."""
+    """Largest integer code of a symmetric ``bits``-bit weight (8 bits with reduce_range: 63, ORT's AVX2 range).
+
+    At 1 bit the codes are the binary {-1, +1}, so the largest is 1 as at 2 bits ({-1, 0, +1}); what differs
+    is the scale and the missing 0 (see :func:`weight_scale`).
+    """
+    if bits == 1:
+        return 1
     return 63 if bits == 8 and reduce_range else 2 ** (bits - 1) - 1
 
 
-def weight_scale(w: Tensor, qmax: int) -> Tensor:
-    """Per-output-channel symmetric scale ``max|w_c| / qmax`` (float32, never 0)."""
-    amax = w.detach().abs().reshape(w.shape[0], -1).amax(1)
-    return (amax / qmax).clamp_min(1e-12).float()
+def weight_scale(w: Tensor, qmax: int, *, binary: bool = False) -> Tensor:
+    """Per-output-channel symmetric scale (float32, never 0): ``max|w_c| / qmax``, or ``mean|w_c|`` if binary.
+
+    The binary scale is the one that minimises ``||w_c - a * sign(w_c)||`` (Rastegari et al. 2016).
+    """
+    a = w.detach().abs().reshape(w.shape[0], -1)
+    s = a.mean(1) if binary else a.amax(1) / qmax
+    return s.clamp_min(1e-12).float()
 
 
-def fake_quant_weight(w: Tensor, qmax: int) -> Tensor:
-    """Per-channel symmetric fake quantization with the straight-through estimator."""
-    s = weight_scale(w, qmax)
+def fake_quant_weight(w: Tensor, qmax: int, *, binary: bool = False) -> Tensor:
+    """Per-channel symmetric fake quantization with the straight-through estimator (binary: ``a * sign(w)``)."""
+    s = weight_scale(w, qmax, binary=binary).to(w.device)
+    if binary:
+        s = s.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1)))
+        return torch.where(w.detach() >= 0, s, -s) + (w - w.detach())  # exact values, identity gradient
     zp = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
-    return torch.fake_quantize_per_channel_affine(w, s.to(w.device), zp, 0, -qmax, qmax)
+    return torch.fake_quantize_per_channel_affine(w, s, zp, 0, -qmax, qmax)
 
 
 class _QuantWeightMixin:
@@ -196,12 +210,18 @@ class _QuantWeightMixin:
     qbits: int
     qmax: int
 
+    def quant_scale(self) -> Tensor:
+        """The per-output-channel scale of the integer codes (``weight = scale * code``)."""
+        return weight_scale(self.weight, self.qmax, binary=self.qbits == 1)  # type: ignore[attr-defined]
+
     def quantized_weight(self) -> Tensor:
-        return fake_quant_weight(self.weight, self.qmax)  # type: ignore[attr-defined]
+        return fake_quant_weight(self.weight, self.qmax, binary=self.qbits == 1)  # type: ignore[attr-defined]
 
     def weight_codes(self) -> tuple[Tensor, int]:
         w = self.weight.detach()  # type: ignore[attr-defined]
-        s = weight_scale(w, self.qmax).reshape(-1, *([1] * (w.dim() - 1)))
+        if self.qbits == 1:
+            return torch.where(w >= 0, 1, -1).to(torch.int64), 1
+        s = self.quant_scale().reshape(-1, *([1] * (w.dim() - 1)))
         return torch.round(w / s).clamp(-self.qmax, self.qmax).to(torch.int64), self.qbits
 
 
@@ -385,7 +405,7 @@ class BiasGrid(nn.Module):
         w = layer.weight
         out = w.shape[0]
         b = layer.bias.detach().float() if layer.bias is not None else torch.zeros(out, device=w.device)
-        grid = weight_scale(w, layer.qmax).to(w.device) * quant.qparams()[0]
+        grid = layer.quant_scale().to(w.device) * quant.qparams()[0]
         if bn is not None:
             f = (bn.weight.detach() if bn.affine else torch.ones(out, device=w.device)) / torch.sqrt(
                 bn.running_var + bn.eps)
@@ -512,7 +532,7 @@ def deploy_module(model: nn.Module) -> fx.GraphModule:
         if not isinstance(m, (QConv2d, QLinear)):
             continue
         w = m.quantized_weight().detach().float()
-        s = weight_scale(m.weight, m.qmax)
+        s = m.quant_scale()
         out = w.shape[0]
         b = m.bias.detach().float() if m.bias is not None else torch.zeros(out)
         if isinstance(m, QConv2d):

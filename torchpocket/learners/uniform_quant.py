@@ -3,9 +3,10 @@
 As PocketFlow's UniformQuantLearner and HAQ (Wang et al. 2019):
 
 * a policy value is the **weight bit-width** of one Conv2d / Linear layer (an integer in
-  ``[--min-bits, --max-bits]``, default 2-8); the Budget counts weight bits (unit ``bits``): ``--target r``
-  keeps the fraction ``r`` of the fp32 weight bits, so 0.25 is 8 bits on average and any optimizer
-  searches mixed precision under it (PocketFlow's ``uql_equivalent_bits``). ``--bits N`` puts every layer
+  ``[--min-bits, --max-bits]``, default 2-8; 1 bit is binary, ``sign(w) * mean|w_c|``); the Budget
+  counts weight bits (unit ``bits``): ``--target r`` keeps the fraction ``r`` of the fp32 weight bits,
+  so 0.25 is 8 bits on average and any optimizer searches mixed precision under it (PocketFlow's
+  ``uql_equivalent_bits``). ``--bits N`` puts every layer
   at N bits with no search (the pipeline runs ``--hpo none``);
 * :meth:`compress` copies the model, traces it with ``torch.fx``, swaps each Conv2d / Linear for a
   fake-quant version (per-output-channel symmetric weights, scale ``max|w_c| / qmax``) and inserts
