@@ -20,7 +20,9 @@ For each: test accuracy through ONNX Runtime (first ``--test-images`` test image
 latency at each ``--batch-sizes`` (all sessions open at once; ``--rounds`` rounds, each timing every model in
 turn with the order rotating by one per round; a timing is the mean of ``--runs`` runs at batch 1 and of
 ``max(3, ceil(runs / batch))`` runs at larger batches; the median over rounds is reported), speed-up against
-fp32 at the same batch, and file size.
+fp32 at the same batch, and file size. Then ``--profile`` (default ``tp-qdq-u8s8-reduce``) against fp32,
+convolution by convolution: ONNX Runtime's own profiler, kernel time per node at the largest batch size,
+summed per convolution shape; this shows which layers the int8 kernels speed up and by how much.
 
 Regenerates the table (about 2-4 min on the idle 2-core development machine, several times that under load):
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import math
 import statistics
 import tempfile
@@ -183,6 +186,70 @@ def latencies(sessions: dict[str, Any], x: np.ndarray, *, rounds: int, runs: int
     return {n: statistics.median(t) for n, t in times.items()}
 
 
+# ----------------------------------------------------------------------------- per-layer profile
+
+
+def _conv_events(path: Path, x: np.ndarray, runs: int, threads: int, prefix: Path) -> list[tuple[tuple, float]]:
+    """ONNX Runtime's own profile of one model: per convolution kernel, in execution order, ``(key, median
+    seconds)`` with ``key = (in C, H, W, out C, H, W, kernel)`` read from the kernel's tensor shapes (fp32
+    kernels run NCHW / NCHWc, integer ones NHWC: both are mapped to C, H, W) and, for integer kernels whose
+    weights are pre-packed, from the optimized graph's weight initializer."""
+    import onnx
+    from onnx import numpy_helper
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
+    opts.enable_profiling, opts.profile_file_prefix = True, str(prefix)
+    opts.optimized_model_filepath = str(prefix) + ".optimized.onnx"
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    graph = onnx.load(opts.optimized_model_filepath).graph
+    shapes = {i.name: numpy_helper.to_array(i).shape for i in graph.initializer}
+    kernel = {n.name: shapes.get(n.input[3], (0, 0, 0))[-1] for n in graph.node if n.op_type == "QLinearConv"}
+    for _ in range(runs + 2):
+        sess.run(None, {INPUT_NAME: x})
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    per: dict[str, list[float]] = {}
+    meta: dict[str, tuple] = {}
+    for e in events:
+        a = e.get("args", {})
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or "Conv" not in a.get("op_name", ""):
+            continue
+        ins = [next(iter(t.values())) for t in a["input_type_shape"]]
+        o = next(iter(a["output_type_shape"][0].values()))
+        node = e["name"][: -len("_kernel_time")]
+        if a["op_name"] == "QLinearConv":
+            key = (ins[0][3], ins[0][1], ins[0][2], o[3], o[1], o[2], kernel.get(node, 0))
+        else:
+            key = (ins[0][1], ins[0][2], ins[0][3], o[1], o[2], o[3], ins[1][-1])
+        per.setdefault(node, []).append(e["dur"] * 1e-6)
+        meta[node] = key
+    return [(meta[n], statistics.median(t[2:])) for n, t in per.items()]
+
+
+def layer_profile(paths: dict[str, Path], x: np.ndarray, *, runs: int, threads: int, tmp: Path
+                  ) -> list[list[Any]]:
+    """fp32 vs int8, convolution by convolution, summed per (input, output, kernel) shape."""
+    groups: list[dict[tuple, list[float]]] = []
+    for name, path in paths.items():
+        g: dict[tuple, list[float]] = {}
+        for key, sec in _conv_events(path, x, runs, threads, tmp / f"profile-{name}"):
+            g.setdefault(key, []).append(sec)
+        groups.append(g)
+    fp, q = groups
+    rows = []
+    for key, t32 in fp.items():
+        t8 = q.get(key, [])
+        if len(t8) != len(t32):
+            continue
+        cin, h, w, cout, ho, wo, k = key
+        rows.append([f"{cin}x{h}x{w} -> {cout}x{ho}x{wo}, {k}x{k}", f"{len(t32)}", f"{1e3 * sum(t32):.2f}",
+                     f"{1e3 * sum(t8):.2f}", f"{sum(t32) / sum(t8):.2f}x"])
+    a, b = sum(map(sum, fp.values())), sum(map(sum, q.values()))
+    rows.append(["all convolutions", f"{sum(map(len, fp.values()))}", f"{1e3 * a:.2f}", f"{1e3 * b:.2f}",
+                 f"{a / b:.2f}x"])
+    return rows
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -218,9 +285,15 @@ def parse_args() -> argparse.Namespace:
                     help="runs per timing at batch 1; larger batches max(3, ceil(runs / batch)) (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads and ONNX Runtime intra-op threads (0 = torch's default)")
+    ap.add_argument("--profile", default="tp-qdq-u8s8-reduce", metavar="NAME",
+                    help="int8 format profiled convolution by convolution against fp32 with ONNX Runtime's "
+                         "profiler, at the largest --batch-sizes ('none' = skip; default: %(default)s)")
+    ap.add_argument("--profile-runs", type=int, default=20, help="profiled runs per model (default: %(default)s)")
     ap.add_argument("--out", default=None, help="markdown file for the table (it is printed too)")
     args = ap.parse_args()
-    for flag in ("calib_images", "calib_batch", "rounds", "runs"):
+    if args.profile != "none" and args.profile not in args.formats:
+        raise UserError(f"--profile must be one of --formats or none, got {args.profile!r}")
+    for flag in ("calib_images", "calib_batch", "rounds", "runs", "profile_runs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     for flag in ("test_images", "threads"):
@@ -288,6 +361,13 @@ def main() -> None:
             lat[b] = latencies(sessions, x, rounds=args.rounds, runs=runs_at(b, args.runs))
             print(f"  latency batch {b}: done", flush=True)
         sizes = {k: file_size(p) for k, p in paths.items()}
+        profile: list[list[Any]] = []
+        if args.profile != "none":
+            pb = max(args.batch_sizes)
+            x = np.ascontiguousarray(np.resize(tx, (pb, *tx.shape[1:])))
+            profile = layer_profile({FP32: paths[FP32], args.profile: paths[args.profile]}, x,
+                                    runs=args.profile_runs, threads=threads, tmp=tmp)
+            print("  layer profile: done", flush=True)
 
     head = ["format", "what", "test acc (%)", "vs fp32 (points)"]
     for b in args.batch_sizes:
@@ -332,9 +412,18 @@ def main() -> None:
         f"Latency: every session open at once, {args.rounds} rounds, each timing every model once (runs per timing: "
         f"{runs}; mean per run) with the model order rotating by one per round, after 5 warm-up runs each; "
         "median over rounds. Speed-up: fp32 ms / this format's ms at the same batch. Inputs are real test images.",
-        f"Whole benchmark: {time.perf_counter() - start:.0f}s wall.",
     ]
     emit("\n".join(f"- {n}" for n in notes) + "\n", out, first=False)
+    if profile:
+        emit(f"### Where the time goes: fp32 vs `{args.profile}`, convolution by convolution (batch "
+             f"{max(args.batch_sizes)})\n", out, first=False)
+        emit(md_table(["convolution (C x H x W)", "count", "fp32 ms", "int8 ms", "int8 speed-up"], profile,
+                      right=[False] + [True] * 4), out, first=False)
+        emit(f"- ONNX Runtime's profiler (`enable_profiling`), kernel time per node, median of {args.profile_runs} "
+             "runs, summed per shape; one model profiled after the other (not interleaved). fp32 kernels run after "
+             "ORT's NCHWc layout transform, with the residual add and ReLU fused in; int8 ones are QLinearConv in "
+             "NHWC, residual adds are separate QLinearAdd kernels, not in these sums.\n", out, first=False)
+    emit(f"- Whole benchmark: {time.perf_counter() - start:.0f}s wall.", out, first=False)
 
 
 if __name__ == "__main__":
