@@ -57,9 +57,9 @@ from torchpocket.profile import compare_latency, profile_model
 from torchpocket.utils import seed_everything
 
 
-def _config(bench: Bench, learner: str, **quant: Any) -> dict[str, Any]:
+def _config(bench: Bench, learner: str, seed: int = 0, **quant: Any) -> dict[str, Any]:
     cfg = copy.deepcopy(bench.cfg)
-    cfg["run"]["learner"] = learner
+    cfg["run"].update(learner=learner, seed=seed)  # the learner's seed: its loaders' order, its re-training
     cfg["quant"].update(quant)
     return cfg
 
@@ -86,7 +86,7 @@ def _avg_bits(policy: list[float], sizes: list[int]) -> float:
 
 def pruned_model(bench: Bench, target: float, seed: int) -> nn.Module:
     """The baseline, channel-pruned with the uniform policy at ``target`` (FLOPs kept), re-trained."""
-    cfg = _config(bench, "chn-pruned")
+    cfg = _config(bench, "chn-pruned", seed)
     learner = make_learner(cfg, bench.device)
     learner.prepare(bench.base, bench.data)
     space = learner.search_space(bench.base, target)
@@ -102,7 +102,7 @@ def pruned_model(bench: Bench, target: float, seed: int) -> nn.Module:
 def int8_rows(bench: Bench, name: str, fp: nn.Module, seed: int, tmp: Path) -> tuple[list[list[Any]], str]:
     a = bench.args
     shape = bench.input_shape
-    learner = make_learner(_config(bench, "uniform-quant", bits=8), bench.device)
+    learner = make_learner(_config(bench, "uniform-quant", seed, bits=8), bench.device)
     learner.prepare(fp, bench.data)
     seed_everything(seed)
     q = learner.compress(fp, [8.0] * len(quant_layers(fp))).to(bench.device)
@@ -186,7 +186,7 @@ def nonuniform_rows(bench: Bench, bits_list: list[int], tmp: Path) -> list[list[
     for b in bits_list:
         tests, vals, sizes = [], [], []
         for seed in bench.args.seeds:
-            learner = make_learner(_config(bench, "non-uniform-quant", bits=b), bench.device)
+            learner = make_learner(_config(bench, "non-uniform-quant", seed, bits=b), bench.device)
             learner.prepare(bench.base, bench.data)
             seed_everything(seed)
             q = learner.compress(bench.base, [float(b)] * len(quant_layers(bench.base))).to(bench.device)
