@@ -108,6 +108,20 @@ def test_mixed_precision_search_stays_under_the_bit_budget(capsys: pytest.Captur
     assert len({tuple(r["policy"]) for r in rows}) > 1  # mixed precision: the policies differ
 
 
+def test_two_bit_average_with_binary_layers_ships_and_reloads(capsys: pytest.CaptureFixture[str],
+                                                               tmp_path: Path) -> None:
+    run_dir = run_ok(capsys, *DIGITS, "--learner", "uniform-quant", "--hpo", "random", "--target", "0.0625",
+                     "--min-bits", "1", "--episodes", "3", "--ft-steps", "2", "--retrain-epochs", "0",
+                     "--out-dir", str(tmp_path))
+    rows = [json.loads(ln) for ln in (run_dir / "trials.jsonl").read_text().splitlines()]
+    assert any(1 in r["policy"] for r in rows) and all(r["resource"] <= 0.0625 + 1e-9 for r in rows)
+    s = summary(run_dir)
+    codes = weight_codes(torchpocket.load(run_dir / "model.pt"))
+    binary = [c for c, b in codes.values() if b == 1]
+    assert binary and all(set(c.unique().tolist()) == {-1, 1} for c in binary)
+    assert s["int8"]["agreement_with_pytorch"] >= 0.97
+
+
 @pytest.mark.parametrize(("argv", "expect"), [
     (["--learner", "uniform-quant", "--bits", "0"], "--bits must be between 1 and 8"),
     (["--learner", "uniform-quant", "--bits", "9"], "--bits must be between 1 and 8"),
