@@ -16,10 +16,13 @@ Three tables, all from one process (data and baseline loaded once):
 3. **non-uniform** (k-means weight sharing) at ``--nonuniform-bits``: test accuracy after centroid
    fine-tuning with the same budget, codebook file size against the fp32 weights.
 
-Full run (README's tables; about 35-45 min on the idle 2-core development machine, more under load):
+README's tables (about 6 min for the int8 table, about 1 h for the three-seed mixed and k-means tables, on
+the 2-core development machine with the other core busy):
 
-    python benchmarks/quant.py --threads 2 --seeds 0 --episodes 30 --ft-steps 50 --retrain-epochs 1 \
-        --reward-val-size 1000 --out benchmarks/quant.md
+    python benchmarks/quant.py --threads 1 --seeds 0 --tables int8 --channel-round 8 --retrain-epochs 1 \
+        --retrain-steps 60 --prune-retrain-epochs 1 --reward-val-size 1000 --latency-repeats 30
+    python benchmarks/quant.py --threads 1 --seeds 0 1 2 --tables mixed nonuniform --episodes 15 --ft-steps 20 \
+        --retrain-epochs 1 --retrain-steps 60 --reward-val-size 1000
 
 Smoke test (a minute or two): ``python benchmarks/quant.py --threads 1 --seeds 0 --episodes 2 --ft-steps 2
 --retrain-epochs 1 --retrain-steps 2 --prune-retrain-epochs 0 --reward-val-size 200 --latency-repeats 3``.
