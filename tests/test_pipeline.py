@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import torchpocket
+from tests.conftest import run_ok
 from torchpocket.cli import main
 
 TINY = ["--dataset", "synthetic", "--net", "resnet20", "--learner", "chn-pruned", "--target", "0.5", "--device", "cpu",
@@ -19,18 +20,7 @@ TINY = ["--dataset", "synthetic", "--net", "resnet20", "--learner", "chn-pruned"
         "--latency-repeats", "2", "--calib-batches", "2"]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    # one cached baseline for the whole module: the first run trains it, the others reuse it
-    monkeypatch.setenv("TORCHPOCKET_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
-def run_ok(capsys: pytest.CaptureFixture[str], *argv: str) -> Path:
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    line = next(ln for ln in out.splitlines() if ln.startswith("run directory: "))
-    return Path(line.split(": ", 1)[1])
+pytestmark = pytest.mark.usefixtures("shared_cache")  # one baseline, trained by the first run
 
 
 def trials(run_dir: Path) -> list[dict]:

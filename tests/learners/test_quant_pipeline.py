@@ -18,6 +18,7 @@ import yaml
 from onnx import numpy_helper
 
 import torchpocket
+from tests.conftest import run_ok
 from torchpocket.cli import main
 from torchpocket.learners._quant import weight_codes
 
@@ -25,18 +26,7 @@ DIGITS = ["--dataset", "digits", "--net", "resnet20", "--device", "cpu", "--quie
           "--latency-repeats", "2"]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    # one cached digits baseline for the whole session: the first run trains it, the others reuse it
-    monkeypatch.setenv("TORCHPOCKET_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
-def run_ok(capsys: pytest.CaptureFixture[str], *argv: str) -> Path:
-    rc = main(list(argv))
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    line = next(ln for ln in out.splitlines() if ln.startswith("run directory: "))
-    return Path(line.split(": ", 1)[1])
+pytestmark = pytest.mark.usefixtures("shared_cache")  # one baseline, trained by the first run
 
 
 def summary(run_dir: Path) -> dict:
