@@ -345,7 +345,7 @@ def setup(args: argparse.Namespace, *, learner: str = LEARNER, section: str = "c
     base.to(memory_format=torch.contiguous_format)
     shape = (data.in_channels, data.image_size, data.image_size)
     prof = profile_model(base, shape)
-    bench = Bench(args=args, cfg=cfg, device=device, data=data, base=base, source=_short(info["source"]),
+    bench = Bench(args=args, cfg=cfg, device=device, data=data, base=base, source=short_path(info["source"]),
                   net=cfg["run"]["net"], base_flops=float(prof.flops), base_params=float(prof.params),
                   base_val=float("nan"), base_test=float("nan"), reward_size=0, learner_name=learner,
                   section=section)
@@ -356,7 +356,7 @@ def setup(args: argparse.Namespace, *, learner: str = LEARNER, section: str = "c
     return bench
 
 
-def _short(path: str) -> str:
+def short_path(path: str) -> str:
     try:
         return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
     except ValueError:

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
-from _common import command_line, emit, main_guard, md_table
+from _common import command_line, emit, main_guard, md_table, short_path
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 from torch import nn
 
@@ -253,13 +253,6 @@ def layer_profile(paths: dict[str, Path], x: np.ndarray, *, runs: int, threads: 
 # ----------------------------------------------------------------------------- main
 
 
-def _rel(path: str) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -393,8 +386,8 @@ def main() -> None:
         f"- machine: {machine_description()}; {_dt.date.today().isoformat()}",
         f"- command: `{command_line()}`",
         f"- ONNX Runtime {ort.__version__} (CPUExecutionProvider, intra-op threads {threads}, inter-op 1)",
-        f"- baseline: {_rel(info['source'])} ({args.net} on {data.name}), PyTorch test acc {base_acc:.2f}% on the same "
-        f"images; fp32 ONNX: `torchpocket.export.export_onnx` (opset 17, batch-norm folded)",
+        f"- baseline: {short_path(info['source'])} ({args.net} on {data.name}), PyTorch test acc {base_acc:.2f}% on "
+        f"the same images; fp32 ONNX: `torchpocket.export.export_onnx` (opset 17, batch-norm folded)",
         f"- calibration: first {n_calib} training images (no augmentation), batches of {args.calib_batch}; "
         f"accuracy: {split}",
         "",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import Tensor, nn
 
 
@@ -24,3 +27,30 @@ def layer_kind(m: nn.Module) -> str:
     if isinstance(m, nn.Linear):
         return "linear"
     return "dwconv" if m.groups > 1 and m.groups == m.in_channels else "conv"
+
+
+def layer_macs(model: nn.Module, x: Tensor) -> dict[str, int]:
+    """Multiply-adds of each :func:`weight_layers` layer for one sample of ``x`` (moved to the model's device),
+    keyed in execution order (layers the forward pass never reaches are absent). Modes are restored."""
+    macs: dict[str, int] = {}
+
+    def hook(name: str) -> Any:
+        def fn(mod: nn.Module, _inp: Any, out: Tensor) -> None:
+            per_out = mod.weight[0].numel()  # in/groups * kernel area, or in_features
+            macs.setdefault(name, int(out[0].numel() if isinstance(mod, nn.Conv2d) else out.numel() // max(
+                out.shape[0], 1)) * int(per_out))
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in weight_layers(model)]
+    modes = {m: m.training for m in model.modules()}
+    p = next(model.parameters(), None)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x.to(p.device if p is not None else "cpu"))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, was in modes.items():
+            m.training = was
+    return macs

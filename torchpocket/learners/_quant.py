@@ -27,7 +27,6 @@ import math
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,31 +97,6 @@ def check_config(c: QuantConfig, supported: tuple[int, int], learner: str) -> No
 
 
 
-
-
-def layer_macs(model: nn.Module, x: Tensor) -> dict[str, int]:
-    """Multiply-adds of each Conv2d / Linear layer for one sample (for AMC's layer features)."""
-    macs: dict[str, int] = {}
-
-    def hook(name: str) -> Any:
-        def fn(mod: nn.Module, _inp: Any, out: Tensor) -> None:
-            per_out = mod.weight[0].numel()
-            macs.setdefault(name, int(out[0].numel() if isinstance(mod, nn.Conv2d) else out.numel() // max(
-                out.shape[0], 1)) * int(per_out))
-        return fn
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in quant_layers(model)]
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, was in modes.items():
-            m.training = was
-    return macs
 
 
 def bits_space(model: nn.Module, target: float, *, cfg: QuantConfig, fill: bool,
@@ -479,31 +453,32 @@ def weight_codes(model: nn.Module) -> dict[str, tuple[Tensor, int]]:
 # -- deployment: QDQ-exportable module with batch-norm folded -------------------------------------
 
 
-class _DeployConv(nn.Module):
-    def __init__(self, conv: nn.Conv2d, weight: Tensor, bias: Tensor, scale: Tensor) -> None:
-        super().__init__()
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-        self.register_buffer("scale", scale)
+class _DeployLayer(nn.Module):
+    """Folded weight, bias and per-channel scale as buffers; the weight is fake-quantized to int8 in forward."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        zp = torch.zeros(self.weight.shape[0], dtype=torch.int32)
-        w = torch.fake_quantize_per_channel_affine(self.weight, self.scale, zp, 0, -128, 127)
-        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-
-class _DeployLinear(nn.Module):
     def __init__(self, weight: Tensor, bias: Tensor, scale: Tensor) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
         self.register_buffer("scale", scale)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def int8_weight(self) -> Tensor:
         zp = torch.zeros(self.weight.shape[0], dtype=torch.int32)
-        w = torch.fake_quantize_per_channel_affine(self.weight, self.scale, zp, 0, -128, 127)
-        return F.linear(x, w, self.bias)
+        return torch.fake_quantize_per_channel_affine(self.weight, self.scale, zp, 0, -128, 127)
+
+
+class _DeployConv(_DeployLayer):
+    def __init__(self, conv: nn.Conv2d, weight: Tensor, bias: Tensor, scale: Tensor) -> None:
+        super().__init__(weight, bias, scale)
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.int8_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _DeployLinear(_DeployLayer):
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.int8_weight(), self.bias)
 
 
 @torch.no_grad()

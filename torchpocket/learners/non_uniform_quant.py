@@ -35,13 +35,13 @@ from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
 from torchpocket.hpo.space import Policy, SearchSpace
 from torchpocket.learners import register_learner
+from torchpocket.learners._layers import layer_macs
 from torchpocket.learners._quant import (
     NON_UNIFORM_BITS,
     QuantConfig,
     bits_space,
     check_config,
     check_policy,
-    layer_macs,
     quant_layers,
 )
 from torchpocket.learners.base import Learner
@@ -239,8 +239,7 @@ class NonUniformQuantLearner(Learner):
         from torchpocket.learners.channel_graph import example_input
 
         super().prepare(model, data)
-        p = next(model.parameters(), None)
-        self._macs = layer_macs(model, example_input(data).to(p.device if p is not None else "cpu"))
+        self._macs = layer_macs(model, example_input(data))
 
     def search_space(self, model: nn.Module, target: float, *, fill: bool = True) -> SearchSpace:
         """Weight bits of every Conv2d / Linear layer; Budget on total weight bits (as uniform-quant)."""

@@ -36,6 +36,7 @@ from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
 from torchpocket.hpo.space import Policy, SearchSpace
 from torchpocket.learners import register_learner
+from torchpocket.learners._layers import layer_macs
 from torchpocket.learners._quant import (
     UNIFORM_BITS,
     QuantConfig,
@@ -47,7 +48,6 @@ from torchpocket.learners._quant import (
     float_model,
     insert_act_quant,
     insert_bias_grids,
-    layer_macs,
     quant_layers,
     quantize_weights_,
     trace,
@@ -96,8 +96,7 @@ class UniformQuantLearner(Learner):
             if i >= self.config.calib_batches:
                 break
             self._calib.append(x)
-        p = next(model.parameters(), None)
-        self._macs = layer_macs(model, _example(data).to(p.device if p is not None else "cpu"))
+        self._macs = layer_macs(model, _example(data))
 
     def search_space(self, model: nn.Module, target: float, *, fill: bool = True) -> SearchSpace:
         """Weight bits of every Conv2d / Linear layer; the Budget keeps total weight bits <= target * fp32 bits."""

@@ -49,7 +49,7 @@ from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
 from torchpocket.hpo.space import Budget, LayerSpec, Policy, SearchSpace
 from torchpocket.learners import register_learner
-from torchpocket.learners._layers import layer_kind
+from torchpocket.learners._layers import layer_kind, layer_macs
 from torchpocket.learners._layers import weight_layers as prunable_layers
 from torchpocket.learners.base import Learner
 from torchpocket.learners.training import fit
@@ -260,31 +260,8 @@ class WeightSparseLearner(Learner):
 
         super().prepare(model, data)
         layers = dict(prunable_layers(model))
-        order: list[str] = []
-        macs: dict[str, int] = {}
-
-        def hook(name: str) -> Any:
-            def fn(mod: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
-                if name not in macs:
-                    order.append(name)
-                    per_out = mod.weight[0].numel()  # in/groups * kernel area, or in_features
-                    macs[name] = int(out[0].numel() if isinstance(mod, nn.Conv2d) else out.numel() // max(
-                        out.shape[0], 1)) * int(per_out)
-            return fn
-
-        modes = {m: m.training for m in model.modules()}
-        handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
-        try:
-            model.eval()
-            p = next(model.parameters(), None)
-            with torch.no_grad():
-                model(example_input(data).to(p.device if p is not None else "cpu"))
-        finally:
-            for h in handles:
-                h.remove()
-            for m, was in modes.items():
-                m.training = was
-        self._order = order + [n for n in layers if n not in macs]  # unused layers last, registration order
+        macs = layer_macs(model, example_input(data))  # keyed in execution order
+        self._order = list(macs) + [n for n in layers if n not in macs]  # unused layers last, registration order
         self._macs = macs
 
     # -- the search space ----------------------------------------------------------------------
