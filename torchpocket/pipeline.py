@@ -130,7 +130,7 @@ def _json_default(o: Any) -> Any:
 class TrialLog:
     """trials.jsonl (the record resume reads) and trials.csv (one column per layer), flushed per trial."""
 
-    FIELDS = ["trial", "optimizer", "status", "resource", "val_acc", "reward", "seconds", "reason"]
+    FIELDS = ["trial", "optimizer", "kind", "status", "resource", "val_acc", "reward", "seconds", "reason"]
 
     def __init__(self, path: Path, layer_names: list[str]) -> None:
         self.jsonl, self.csv, self.names = path / "trials.jsonl", path / "trials.csv", layer_names
@@ -315,12 +315,15 @@ def _study_name(cfg: dict[str, Any]) -> str:
 
 
 def episodes_for(cfg: dict[str, Any]) -> int:
+    """Candidates to score: --episodes (default 30), capped by what the optimizer can use (uniform: 1)."""
+    from torchpocket.hpo import HPOS
+
     n = cfg["search"]["episodes"]
     if n == 0:
         raise UserError("--episodes must be at least 1 (a search needs one candidate)")
-    if n < 0:
-        return 1 if cfg["run"]["hpo"] in ("none", "uniform") else DEFAULT_EPISODES
-    return n
+    cap = HPOS.get(cfg["run"]["hpo"]).max_trials
+    n = DEFAULT_EPISODES if n < 0 else n
+    return min(n, cap) if cap is not None else n
 
 
 def read_policy_file(path: str) -> dict[str, float]:
@@ -335,6 +338,80 @@ def read_policy_file(path: str) -> dict[str, float]:
     if not isinstance(layers, dict) or not all(isinstance(v, (int, float)) for v in layers.values()):
         raise UserError(f"policy file {path}: expected a mapping 'layers: {{layer name: value}}'")
     return {str(k): float(v) for k, v in layers.items()}
+
+
+def score_candidate(learner: Any, model: nn.Module, policy: list[float], val_loader: Any, *, space: Any,
+                    data: DataBundle, sc: dict[str, Any], device: torch.device,
+                    full: tuple[float, float]) -> dict[str, Any]:
+    """Compress, fast fine-tune (``--ft-steps``), evaluate on the reward split: one candidate's record."""
+    try:
+        cand = learner.compress(model, policy)
+        if sc["ft_steps"]:
+            learner.finetune(cand, teacher=model, steps=sc["ft_steps"])
+        acc = evaluate(cand, val_loader, device=device)
+        params = float(sum(p.numel() for p in cand.parameters()))
+        if space.budget.unit == "flops":  # the budget's cost model is exact: no counting forward pass
+            flops = space.budget.fraction(policy) * full[0]
+        else:
+            flops = _count(cand, data)[0]
+        reward = compute_reward(sc["reward"], acc, flops, params)
+        return {"status": "ok", "val_acc": acc, "reward": reward, "flops": flops, "params": params}
+    except (NonFiniteLoss, RuntimeError, ValueError) as e:  # diverged or failed to build: keep searching
+        return {"status": "failed", "val_acc": 0.0, "reward": compute_reward(sc["reward"], 0.0, *full),
+                "reason": f"{type(e).__name__}: {e}"[:300]}
+
+
+class ProbeCache:
+    """Scores of probes (one layer compressed alone) kept across runs: they do not depend on the target.
+
+    One JSON file per (baseline weights, learner and its options, reward settings, seed, reward split size),
+    under ``$TORCHPOCKET_CACHE/probes`` (default ``~/.cache/torchpocket/probes``).
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.entries: dict[str, dict[str, Any]] = {}
+        if path is not None and path.is_file():
+            try:
+                self.entries = json.loads(path.read_text())
+            except (json.JSONDecodeError, OSError):
+                self.entries = {}  # a damaged cache is only a slower search
+
+    @classmethod
+    def for_search(cls, model: nn.Module, cfg: dict[str, Any], val_size: int) -> ProbeCache:
+        import hashlib
+
+        h = hashlib.sha1()
+        for k, v in sorted(model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        from torchpocket.hpo import HPOS
+
+        learner = cfg["run"]["learner"]
+        optimizer_sections = {_section_of(HPOS.get(n)) for n in HPOS.names()}  # irrelevant to a probe's score
+        sections = {sec: cfg[sec] for sec in sorted(cfg) if sec not in ("run", "data", "search")
+                    and sec not in optimizer_sections}
+        key = json.dumps({"weights": h.hexdigest(), "learner": learner, "sections": sections,
+                          "seed": cfg["run"]["seed"], "val": val_size, "dataset": cfg["run"]["dataset"],
+                          "search": {k: cfg["search"][k] for k in ("ft_steps", "ft_lr", "reward")}},
+                         sort_keys=True, default=str)
+        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+        root = Path(os.environ.get("TORCHPOCKET_CACHE", Path.home() / ".cache" / "torchpocket")) / "probes"
+        return cls(root / f"{learner}-{digest}.json")
+
+    @staticmethod
+    def _key(policy: list[float]) -> str:
+        return ",".join(f"{float(v):.6g}" for v in policy)
+
+    def get(self, policy: list[float]) -> dict[str, Any] | None:
+        return self.entries.get(self._key(policy))
+
+    def put(self, policy: list[float], record: dict[str, Any]) -> None:
+        if self.path is None or not is_main_process():
+            return
+        self.entries[self._key(policy)] = record
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps(self.entries))
 
 
 def search(
@@ -383,6 +460,7 @@ def search(
     val_loader = (data.loader("val", batch_size=500) if not isinstance(val, Split)
                   else _split_loader(val, 500))
     full_flops, full_params = _count(model, data)
+    probes = ProbeCache.for_search(model, cfg, len(val)) if run_dir else ProbeCache(None)
 
     log = TrialLog(run_dir.path, names) if run_dir else None
     trials: list[dict[str, Any]] = []
@@ -424,28 +502,23 @@ def search(
         policy = distributed.broadcast_object(list(policy))  # under torchrun rank 0 decides for every rank
         t0 = time.perf_counter()
         seed_everything(run["seed"] * 100_003 + number)
-        record: dict[str, Any] = {"trial": number, "optimizer": run["hpo"], "policy": [float(v) for v in policy],
-                                  "resource": space.budget.fraction(policy)}
+        record: dict[str, Any] = {"trial": number, "optimizer": run["hpo"], "kind": optimizer.last_kind,
+                                  "policy": [float(v) for v in policy], "resource": space.budget.fraction(policy)}
         if shared:
             record["worker"] = worker
-        try:
-            cand = learner.compress(model, policy)
-            if sc["ft_steps"]:
-                learner.finetune(cand, teacher=model, steps=sc["ft_steps"])
-            acc = evaluate(cand, val_loader, device=device)
-            params = float(sum(p.numel() for p in cand.parameters()))
-            if space.budget.unit == "flops":  # the budget's cost model is exact: no counting forward pass
-                flops = space.budget.fraction(policy) * full_flops
-            else:
-                flops = _count(cand, data)[0]
-            reward = compute_reward(sc["reward"], acc, flops, params)
-            record.update(status="ok", val_acc=acc, reward=reward, flops=flops, params=params)
-        except (NonFiniteLoss, RuntimeError, ValueError) as e:  # diverged or failed to build: keep searching
-            reward = compute_reward(sc["reward"], 0.0, full_flops, full_params)
-            record.update(status="failed", val_acc=0.0, reward=reward, reason=f"{type(e).__name__}: {e}"[:300])
+        cached = probes.get(policy) if record["kind"] == "probe" else None
+        if cached is not None:  # a probe scored by an earlier run on the same model, learner and reward split
+            record.update(cached, cached_probe=True)
+        else:
+            record.update(score_candidate(learner, model, policy, val_loader, space=space, data=data, sc=sc,
+                                          device=device, full=(full_flops, full_params)))
+            if record["kind"] == "probe" and record["status"] == "ok":
+                probes.put(policy, {k: record[k] for k in ("status", "val_acc", "reward", "flops", "params")})
+        reward = record["reward"]
         record["seconds"] = round(time.perf_counter() - t0, 3)
         if shared:
-            optimizer.annotate(**{k: record[k] for k in ("status", "val_acc", "resource", "seconds", "worker")})
+            optimizer.annotate(**{k: record[k] for k in ("status", "val_acc", "resource", "seconds", "worker",
+                                                         "kind")})
         optimizer.tell(policy, reward)
         trials.append(record)
         t += 1
@@ -468,14 +541,33 @@ def search(
             return SearchResult([], float("nan"), float("nan"), trials, names, None,
                                 time.perf_counter() - start, space.budget.unit, final=False)
         trials = _shared_trials(optimizer, episodes, run["hpo"], wait=0.0 if sc["final_only"] else sc["worker_wait"])
-    ok = [x for x in trials if x["status"] == "ok"]
+    ok = [x for x in trials if x["status"] == "ok" and x.get("kind") != "probe"]  # probes break the budget
     if not ok:
         reasons = "; ".join(sorted({x.get("reason", "") for x in trials}))[:300]
-        raise UserError(f"every candidate failed: {reasons}")
+        raise UserError(f"every candidate failed: {reasons}" if reasons else
+                        "no candidate within the budget was scored: give more --episodes")
     best_t = max(ok, key=lambda x: x["reward"])
     uniform = space.budget.uniform() if len(space) else None
     return SearchResult(best_t["policy"], best_t["reward"], best_t["val_acc"], trials, names, uniform,
                         time.perf_counter() - start, space.budget.unit, final=final)
+
+
+def search_summary(result: SearchResult) -> dict[str, Any]:
+    """The search block of summary.json: the best trial, and how far it is above the uniform first trial."""
+    ok = [t for t in result.trials if t["status"] == "ok" and t.get("kind") != "probe"]
+    best = max(ok, key=lambda t: t["reward"]) if ok else None
+    out: dict[str, Any] = {
+        "best_trial": best["trial"] if best else None, "best_reward": result.best_reward,
+        "best_val_acc": result.best_val_acc,
+        "probes": sum(t.get("kind") == "probe" for t in result.trials),
+        "cached_probes": sum(bool(t.get("cached_probe")) for t in result.trials),
+        "workers": len({t.get("worker") for t in result.trials if t.get("worker")}) or 1}
+    uni = next((t for t in ok if t.get("kind") == "uniform"), None)
+    if uni is not None and best is not None:
+        out.update(uniform_trial=uni["trial"], uniform_val_acc=uni["val_acc"], uniform_reward=uni["reward"],
+                   best_minus_uniform_val_acc=best["val_acc"] - uni["val_acc"],
+                   best_minus_uniform_reward=best["reward"] - uni["reward"])
+    return out
 
 
 def _shared_trials(optimizer: Any, episodes: int, hpo: str, *, wait: float) -> list[dict[str, Any]]:
@@ -491,7 +583,8 @@ def _shared_trials(optimizer: Any, episodes: int, hpo: str, *, wait: float) -> l
     for r in rows:
         if r["state"] != "COMPLETE" or "policy" not in r:
             continue
-        out.append({"trial": r["number"], "optimizer": hpo, "policy": [float(v) for v in r["policy"]],
+        out.append({"trial": r["number"], "optimizer": hpo, "kind": r.get("kind", "search"),
+                    "policy": [float(v) for v in r["policy"]],
                     "resource": r.get("resource"), "status": r.get("status", "ok"), "val_acc": r.get("val_acc"),
                     "reward": float(r["value"]), "seconds": r.get("seconds"), "worker": r.get("worker")})
     running = sum(r["state"] == "RUNNING" for r in rows)
@@ -660,11 +753,7 @@ def _summary(base: nn.Module, final: nn.Module, data: DataBundle, cfg: dict[str,
         "machine": machine_description(),
     }
     if result is not None and result.trials:
-        ok = [t for t in result.trials if t["status"] == "ok"]
-        best = max(ok, key=lambda t: t["reward"]) if ok else None
-        summary["search"] = {"best_trial": best["trial"] if best else None, "best_reward": result.best_reward,
-                             "best_val_acc": result.best_val_acc,
-                             "workers": len({t.get("worker") for t in result.trials if t.get("worker")}) or 1}
+        summary["search"] = search_summary(result)
     if cfg["search"]["export_onnx"]:
         path = None
         try:

@@ -1,4 +1,5 @@
-"""The run's report: ``report.md`` with a summary table, the best policy and three plots.
+"""The run's report: ``report.md`` with a summary table, the best policy and three plots (four when the
+search probed each layer alone: the layer sensitivity chart).
 
 Plots use matplotlib's object API (``Figure`` + the Agg canvas), imported inside the functions: no
 ``pyplot`` global state, no display needed, and importing torchpocket does not import matplotlib.
@@ -16,6 +17,7 @@ from torchpocket.utils import atomic_write_text
 REWARD_PNG = "reward.png"
 POLICY_PNG = "policy.png"
 TRADEOFF_PNG = "tradeoff.png"
+SENSITIVITY_PNG = "sensitivity.png"
 
 
 def _new_figure(width: float = 6.4, height: float = 4.0) -> Any:
@@ -36,7 +38,7 @@ def _finite(v: Any) -> bool:
 
 
 def _best_trial(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
-    ok = [t for t in trials if _ok(t)]
+    ok = [t for t in trials if _ok(t) and t.get("kind") != "probe"]  # probes break the budget: never the best
     return max(ok, key=lambda t: t["reward"]) if ok else None
 
 
@@ -57,8 +59,12 @@ def _fmt(v: Any) -> str:
 def _plot_rewards(trials: list[dict[str, Any]], path: Path) -> None:
     fig = _new_figure()
     ax = fig.add_subplot()
-    ok = [t for t in trials if _ok(t)]
+    probes = [t for t in trials if _ok(t) and t.get("kind") == "probe"]
+    ok = [t for t in trials if _ok(t) and t.get("kind") != "probe"]
     failed = [t for t in trials if not _ok(t)]
+    if probes:
+        ax.plot([t["trial"] for t in probes], [t["reward"] for t in probes], "s", ms=3, color="tab:gray",
+                alpha=0.6, label=f"probes ({len(probes)}, outside the budget)")
     for opt in dict.fromkeys(str(t.get("optimizer", "")) for t in ok):
         pts = [t for t in ok if str(t.get("optimizer", "")) == opt]
         ax.plot([t["trial"] for t in pts], [t["reward"] for t in pts], "o", ms=4, alpha=0.7, label=opt or "trial")
@@ -125,6 +131,44 @@ def _plot_tradeoff(trials: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path)
 
 
+def sensitivity_curves(trials: list[dict[str, Any]], layer_names: list[str]) -> dict[str, list[list[float]]]:
+    """Per layer, ``[value, val_acc]`` of the probes that compressed that layer alone, sorted by value.
+
+    The unpruned probe (the elementwise maximum of the probes' policies) is each curve's last point."""
+    probes = [t for t in trials if t.get("kind") == "probe" and _ok(t) and _finite(t.get("val_acc"))]
+    if not probes:
+        return {}
+    top = [max(float(t["policy"][i]) for t in probes) for i in range(len(layer_names))]
+    full = next((t for t in probes if [float(v) for v in t["policy"]] == top), None)
+    curves: dict[str, list[list[float]]] = {}
+    for t in probes:
+        diff = [i for i, v in enumerate(t["policy"]) if float(v) != top[i]]
+        if len(diff) == 1:
+            curves.setdefault(layer_names[diff[0]], []).append([float(t["policy"][diff[0]]), float(t["val_acc"])])
+    for i, name in enumerate(layer_names):
+        if name in curves and full is not None:
+            curves[name].append([top[i], float(full["val_acc"])])
+        if name in curves:
+            curves[name].sort()
+    return curves
+
+
+def _plot_sensitivity(curves: dict[str, list[list[float]]], path: Path) -> None:
+    fig = _new_figure(width=7.5, height=4.5)
+    ax = fig.add_subplot()
+    cmap = __import__("matplotlib").colormaps["viridis"]
+    for k, (name, pts) in enumerate(curves.items()):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", ms=3, lw=1.2,
+                color=cmap(k / max(len(curves) - 1, 1)), label=name)
+    ax.set_xlabel("value of the layer alone (the others uncompressed)")
+    ax.set_ylabel("validation accuracy (reward split)")
+    ax.set_title("Layer sensitivity")
+    ax.grid(alpha=0.3)
+    if len(curves) <= 24:
+        ax.legend(fontsize=6, ncol=2)
+    fig.savefig(path)
+
+
 def _summary_tables(summary: dict[str, Any]) -> list[str]:
     base = summary.get("baseline") or {}
     comp = summary.get("compressed") or {}
@@ -170,14 +214,30 @@ def write_report(run_dir: Path, *, trials: list[dict[str, Any]], summary: dict[s
     best = _best_trial(trials)
     lines = [f"# {title}", ""]
     lines += _summary_tables(summary)
-    lines.append(f"- **Trials:** {len(trials)} ({len(failed)} failed)")
+    n_probe = sum(t.get("kind") == "probe" for t in trials)
+    lines.append(f"- **Trials:** {len(trials)} ({len(failed)} failed" + (f", {n_probe} probes" if n_probe else "")
+                 + ")")
+    uni = next((t for t in trials if t.get("kind") == "uniform" and _ok(t)), None)
+    if uni is not None and best is not None:
+        lines.append(f"- **Uniform policy (trial {uni.get('trial')}):** val acc {_fmt(uni.get('val_acc'))}; the best "
+                     f"is {best['val_acc'] - uni['val_acc']:+.2f} points above it")
     if best is not None:
         lines.append(f"- **Best reward:** {best['reward']:.4f} (trial {best.get('trial')}, "
                      f"optimizer {best.get('optimizer', '?')}, resource {_fmt(best.get('resource'))}, "
                      f"val acc {_fmt(best.get('val_acc'))})")
     lines.append("")
-    lines += [f"![reward per trial]({REWARD_PNG})", "", f"![resource vs accuracy]({TRADEOFF_PNG})", "",
-              "## Best policy per layer", "", f"![per-layer policy]({POLICY_PNG})", ""]
+    lines += [f"![reward per trial]({REWARD_PNG})", "", f"![resource vs accuracy]({TRADEOFF_PNG})", ""]
+    curves = sensitivity_curves(trials, layer_names)
+    if curves:
+        _plot_sensitivity(curves, run_dir / SENSITIVITY_PNG)
+        n_probe = sum(t.get("kind") == "probe" for t in trials)
+        lines += ["## Layer sensitivity", "", f"Each layer compressed alone, the others untouched ({n_probe} probes, "
+                  "scored on the reward split; outside the budget, never chosen).", "",
+                  f"![layer sensitivity]({SENSITIVITY_PNG})", "",
+                  "| layer | value: val acc |", "|---|---|"]
+        lines += [f"| {name} | " + ", ".join(f"{v:g}: {a:.2f}" for v, a in pts) + " |" for name, pts in curves.items()]
+        lines.append("")
+    lines += ["## Best policy per layer", "", f"![per-layer policy]({POLICY_PNG})", ""]
     header = "| # | layer | best |" + (" uniform |" if uniform_policy is not None else "")
     lines += [header, "|---:|---|---:|" + ("---:|" if uniform_policy is not None else "")]
     for i, (name, v) in enumerate(zip(layer_names, best_policy)):

@@ -33,8 +33,9 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 def test_defaults_are_amcs_and_flags_are_prefixed() -> None:
     cfg = DDPGConfig()
     assert (cfg.hidden, cfg.lr_actor, cfg.lr_critic, cfg.tau, cfg.batch_size) == (300, 1e-4, 1e-3, 0.01, 64)
-    assert (cfg.noise_init, cfg.noise_decay, cfg.discount, cfg.moving_alpha) == (0.5, 0.95, 1.0, 0.5)
-    assert cfg.memory_episodes == 100 and cfg.warmup == -1
+    assert (cfg.noise_init, cfg.discount, cfg.moving_alpha) == (0.5, 1.0, 0.5)
+    assert cfg.memory_episodes == 100 and cfg.warmup == -1 and cfg.noise_decay == -1 and cfg.center == "uniform"
+    assert make(total=400).noise_decay == 0.95  # AMC's protocol: AMC's decay
     assert SECTIONS["ddpg"] is DDPGConfig and DDPG.section == "ddpg" and DDPG.Config is DDPGConfig
     for f in dataclasses.fields(DDPGConfig):
         assert f.metadata["help"]
@@ -83,6 +84,7 @@ def test_action_wall_keeps_greedy_actions_within_the_target(monkeypatch: pytest.
     space = flops_space(fill=False)  # no projection upward: what comes out is the walled episode itself
     b = space.budget
     opt = make(space, hidden=8)
+    opt.ask()  # the uniform episode
     monkeypatch.setattr(opt, "_act", lambda state, warm: 1.0)  # always ask for the whole layer
     p = opt.ask()
     assert p[0] == 1.0 and p[-1] == pytest.approx(0.2)
@@ -93,7 +95,7 @@ def test_action_wall_keeps_greedy_actions_within_the_target(monkeypatch: pytest.
 
 
 def test_warmup_then_updates_and_noise_decay() -> None:
-    opt = make(total=8, seed=1)  # warm-up: 2 episodes
+    opt = make(total=8, seed=1, noise_decay=0.95)  # warm-up: 2 episodes (the first is the uniform policy)
     n = len(opt.space)
     assert opt.warmup == 2
     actor0, critic0, target0 = params(opt.actor), params(opt.critic), params(opt.actor_target)
@@ -177,3 +179,51 @@ def test_state_dict_holds_everything() -> None:
     assert state["episode"] == 4 and len(state["pending"]) == 1 and state["memory"]["size"] == 3 * len(opt.space)
     with pytest.raises(UserError, match="layers"):
         make(flops_space(6), hidden=16).load_state_dict(state)
+
+
+def test_noise_decays_to_the_end_of_a_short_search() -> None:
+    from torchpocket.hpo.ddpg import noise_decay
+
+    assert noise_decay(0.5, 300) == 0.95 and noise_decay(0.5, 0) == 0.95
+    d = noise_decay(0.5, 22)
+    assert d < 0.95 and 0.5 * d**22 == pytest.approx(0.02)
+    opt = make(total=30, hidden=8)
+    assert opt.noise_decay == pytest.approx(noise_decay(0.5, 30 - opt.warmup))
+
+
+def test_first_episode_is_the_uniform_policy_and_enters_the_replay() -> None:
+    space = flops_space(target=0.3)
+    opt = make(space, total=40, hidden=8)
+    p = opt.ask()
+    assert opt.last_kind == "uniform" and p == space.budget.uniform()
+    rec = opt.pending[0]
+    assert [opt.to_value(t, u) for t, u in enumerate(rec["actions"])] == pytest.approx(p)
+    opt.tell(p, 0.7)
+    n = len(space)
+    assert len(opt.memory) == n and torch.all(opt.memory.rewards[:n] == 0.7)
+    opt.ask()
+    assert opt.last_kind == "search"
+
+
+@pytest.mark.parametrize("center", ["uniform", "linear"])
+def test_the_neutral_action_lands_on_the_center(center: str) -> None:
+    space = flops_space(target=0.3)
+    opt = make(space, hidden=8, center=center)
+    uniform = space.budget.uniform()
+    for t in range(len(space)):
+        mid = uniform[t] if center == "uniform" else 0.5 * (space.lows[t] + space.highs[t])
+        assert opt.to_value(t, 0.5) == pytest.approx(mid)
+        assert opt.to_value(t, 0.0) == pytest.approx(space.lows[t]) and opt.to_value(t, 1.0) == pytest.approx(1.0)
+        for v in (space.lows[t], 0.25, mid, 0.9):
+            assert opt.to_value(t, opt.to_action(t, v)) == pytest.approx(v)
+
+
+def test_a_projected_episode_is_stored_as_the_policy_that_is_scored(monkeypatch: pytest.MonkeyPatch) -> None:
+    space = flops_space(target=0.5)  # fill: a walk that stops short of the target is raised to it
+    opt = make(space, hidden=8)
+    opt.ask()
+    monkeypatch.setattr(opt, "_act", lambda state, warm: 0.0)  # every layer at its lower bound
+    p = opt.ask()
+    assert space.budget.fraction(p) > 0.49
+    rec = opt.pending[-1]
+    assert [opt.to_value(t, u) for t, u in enumerate(rec["actions"])] == pytest.approx(p)

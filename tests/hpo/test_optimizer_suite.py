@@ -21,11 +21,12 @@ import torch
 from torchpocket.config import SECTIONS
 from torchpocket.errors import UserError
 from torchpocket.hpo import HPOS, Budget, LayerSpec, Optimizer, SearchSpace, create_optimizer
+from torchpocket.hpo.base import TRIAL_KINDS
 from torchpocket.hpo.ddpg import DDPGConfig
 from torchpocket.hpo.gp import GPConfig
 
 NAMES = [n for n in HPOS.names() if n != "none"]
-LEARNING = [n for n in ("ddpg", "gp", "tpe", "evolution", "optuna-gp") if n in HPOS]
+LEARNING = [n for n in ("ddpg", "gp", "tpe", "evolution", "optuna-gp", "sensitivity") if n in HPOS]
 CHANNELS = (16, 16, 32, 32, 32, 64, 64, 64, 128, 10)
 
 
@@ -71,7 +72,7 @@ SPACES: dict[str, Callable[[], SearchSpace]] = {
 
 # asks per run in the contract tests: enough to leave every optimizer's start-up phase (DDPG's warm-up is 25%
 # of total_trials, skopt's random points a quarter, Optuna GP's 10 start-up trials) and cheap enough for CI
-ASKS = {"gp": 4, "optuna-gp": 11}
+ASKS = {"gp": 4, "optuna-gp": 11, "sensitivity": 14}  # sensitivity: 1 uniform + 10 probes, then its search
 
 
 def n_asks(name: str) -> int:
@@ -109,7 +110,10 @@ def roundtrip(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_suite_covers_the_registry() -> None:
-    assert {"random", "uniform", "ddpg", "gp", "tpe", "evolution"} <= set(NAMES)
+    assert {"random", "uniform", "ddpg", "gp", "tpe", "evolution", "sensitivity"} <= set(NAMES)
+    for name in ("random", "ddpg", "gp", "tpe", "evolution", "optuna-gp", "sensitivity"):
+        assert name not in HPOS or HPOS.get(name).seeds_uniform, name
+    assert HPOS.get("uniform").max_trials == 1 and HPOS.get("none").max_trials == 1
     for name in NAMES:
         cls = HPOS.get(name)
         assert issubclass(cls, Optimizer)
@@ -127,16 +131,28 @@ def test_every_ask_meets_the_budget(name: str, kind: str) -> None:
     b = space.budget
     opt = build(name, space, seed=3)
     rng = np.random.default_rng(0)
-    for p in drive(opt, lambda p: float(rng.normal()), n_asks(name)):
+    kinds = []
+    for _ in range(n_asks(name)):
+        p = opt.ask()
+        kinds.append(opt.last_kind)
+        opt.tell(p, float(rng.normal()))
+        assert opt.last_kind in TRIAL_KINDS
         assert len(p) == len(space)
         assert all(isinstance(v, float) for v in p)
         assert np.all(np.asarray(p) >= space.lows - 1e-12) and np.all(np.asarray(p) <= space.highs + 1e-12)
+        if kinds[-1] == "probe":  # scored to learn from, outside the budget: never the result
+            assert opt.best() is None or opt.best()[0] != p or b.satisfied(p)
+            continue
+        if kinds[-1] == "uniform":
+            assert p == b.uniform()
         assert b.cost(p) <= b.limit * (1 + 1e-9)
         if b.fill:  # continuous layers: the target is reachable, so the policy sits just below it
             assert b.cost(p) >= 0.99 * b.limit
         if kind == "bits":
             assert np.array_equal(np.asarray(p), np.round(p))
     assert len(opt.history) == n_asks(name)
+    if HPOS.get(name).seeds_uniform:  # a learned search starts from the uniform policy
+        assert kinds[0] == "uniform" and "uniform" not in kinds[1:]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -145,7 +161,9 @@ def test_same_seed_same_asks(name: str) -> None:
     reward = reward_fn(target_policy(space, 0))
     runs = [drive(build(name, space, seed=7), reward, n_asks(name)) for _ in range(2)]
     assert runs[0] == runs[1]
-    if name != "uniform":  # another seed proposes something else
+    if name == "sensitivity":  # its probes are the same for every seed; its local search is not
+        assert drive(build(name, space, seed=8), reward, n_asks(name)) != runs[0]
+    elif name != "uniform":  # another seed proposes something else
         assert drive(build(name, space, seed=8), reward, 2) != runs[0][:2]
 
 
@@ -181,10 +199,19 @@ def test_resume_continues_like_an_uninterrupted_run(name: str) -> None:
 def test_a_failed_candidate_does_not_break_the_search(name: str) -> None:
     space = flops_space()
     opt = build(name, space, seed=0, total=6)
-    rewards = iter([float("nan"), 1.0, -float("inf"), 0.5, float("nan"), 2.0])
-    for p in drive(opt, lambda p: next(rewards), 6):
-        assert space.budget.satisfied(p)
-    assert opt.best() is not None and opt.best()[1] == 2.0
+    rewards = [float("nan"), 1.0, -float("inf"), 0.5, float("nan"), 2.0]
+    eligible = []  # what best() may return: finite rewards of policies within the budget (probes never win)
+    for r in rewards:
+        p = opt.ask()
+        if opt.last_kind != "probe":
+            assert space.budget.satisfied(p)
+            if np.isfinite(r):
+                eligible.append(r)
+        opt.tell(p, r)
+    if eligible:
+        assert opt.best() is not None and opt.best()[1] == max(eligible)
+    else:
+        assert opt.best() is None
     assert len(drive(opt, lambda p: 0.0, 1)) == 1
 
 
@@ -198,6 +225,7 @@ LEARN: dict[str, tuple[int, Any]] = {
     "tpe": (40, None),
     "evolution": (100, None),
     "optuna-gp": (18, None),  # 10 random start-up trials, then 8 GP-guided ones
+    "sensitivity": (40, None),  # 1 uniform + 1 unpruned + 9 layers x 1 probe, allocation, then local search
 }
 SEEDS = (0, 1, 2)
 
@@ -279,5 +307,9 @@ def test_layers_with_fixed_bounds_are_left_out_of_the_search() -> None:
                     highs=[lay.high for lay in layers], layer_cost_fn=b.layer_cost_fn)
     space = SearchSpace(layers, budget)
     for name in NAMES:
-        for p in drive(build(name, space, seed=0, total=4), lambda p: -sum(p), 3):
-            assert p[0] == 1.0 and p[9] == 1.0 and budget.satisfied(p), name
+        opt = build(name, space, seed=0, total=4)
+        for _ in range(3):
+            p = opt.ask()
+            assert p[0] == 1.0 and p[9] == 1.0, name
+            assert opt.last_kind == "probe" or budget.satisfied(p), name
+            opt.tell(p, -sum(p))

@@ -19,4 +19,4 @@ def create_optimizer(name: str, space: SearchSpace, **kwargs: Any) -> Optimizer:
     return HPOS.get(name)(space, **kwargs)
 
 
-from torchpocket.hpo import ddpg, fixed, gp, optuna_opt, simple  # noqa: E402,F401  (fill the registry)
+from torchpocket.hpo import ddpg, fixed, gp, optuna_opt, sensitivity, simple  # noqa: E402,F401  (fill the registry)

@@ -1,8 +1,20 @@
 """The optimizer contract: ``ask() -> policy``, ``tell(policy, reward)``, ``state_dict()`` for resume.
 
 Rewards are always maximised. Every policy an optimizer returns has passed
-through ``space.budget`` (so it meets the target). Optimizers never import
-networks or learners: all they know is the :class:`SearchSpace`.
+through ``space.budget`` (so it meets the target), except *probes*: policies an
+optimizer asks to have scored only to learn from them (one layer compressed
+alone, say), which the pipeline logs but never chooses as the result.
+Optimizers never import networks or learners: all they know is the
+:class:`SearchSpace`.
+
+Declared capabilities (class attributes, never duck-typed):
+
+- ``parallel``: several worker processes may share one study (``--storage``);
+- ``seeds_uniform``: the first trial is the uniform policy (``Budget.uniform``),
+  so a search never returns something worse than uniform on the reward split;
+- ``max_trials``: the most distinct trials the optimizer can use (``uniform``: 1);
+- :attr:`Optimizer.last_kind`: what the latest :meth:`ask` returned, one of
+  :data:`TRIAL_KINDS`.
 """
 
 from __future__ import annotations
@@ -12,6 +24,10 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 from torchpocket.hpo.space import Policy, SearchSpace
+
+#: ``uniform``: the uniform policy seeding a search; ``probe``: scored to learn, outside the budget, never the
+#: result; ``search``: any other proposal.
+TRIAL_KINDS = ("uniform", "probe", "search")
 
 
 class Optimizer(ABC):
@@ -25,6 +41,8 @@ class Optimizer(ABC):
     """
 
     parallel: ClassVar[bool] = False
+    seeds_uniform: ClassVar[bool] = False
+    max_trials: ClassVar[int | None] = None  # None: any number
     Config: ClassVar[type | None] = None  # the optimizer's config dataclass (its section), if it has options
 
     def __init__(self, space: SearchSpace, *, seed: int = 0, total_trials: int = 0, config: Any = None,
@@ -33,6 +51,8 @@ class Optimizer(ABC):
         self.config = config if config is not None else self.default_config()
         self.storage, self.study_name = storage, study_name
         self.history: list[tuple[Policy, float]] = []
+        self.last_kind: str = "search"  # the kind (TRIAL_KINDS) of the policy the latest ask() returned
+        self.seeded = False  # the uniform first trial has been asked
 
     @classmethod
     def default_config(cls) -> Any:
@@ -45,6 +65,19 @@ class Optimizer(ABC):
     def tell(self, policy: Policy, reward: float) -> None:
         """Report the reward of a policy returned by :meth:`ask` (higher is better)."""
         self.history.append((list(policy), float(reward)))
+
+    def uniform_policy(self) -> Policy:
+        """The uniform policy at the target: the first trial of a ``seeds_uniform`` optimizer."""
+        return self.space.budget.uniform()
+
+    def seeding(self) -> bool:
+        """True when the next ask is the uniform first trial (``seeds_uniform`` and not asked yet)."""
+        return self.seeds_uniform and not self.seeded
+
+    def ask_uniform(self) -> Policy:
+        """Hand out the uniform first trial (a subclass calls this when :meth:`seeding` says so)."""
+        self.seeded, self.last_kind = True, "uniform"
+        return self.uniform_policy()
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [[list(p), r] for p, r in self.history]}
@@ -64,6 +97,6 @@ class Optimizer(ABC):
         return None if i is None else pending.pop(i)
 
     def best(self) -> tuple[Policy, float] | None:
-        """The told policy with the highest reward (NaN rewards, from failed candidates, never win)."""
+        """The told policy with the highest reward (NaN rewards, from failed candidates, and probes never win)."""
         scored = [pr for pr in self.history if not math.isnan(pr[1])]
         return max(scored, key=lambda pr: pr[1]) if scored else None

@@ -5,16 +5,35 @@ One :meth:`DDPG.ask` is one AMC episode: for layer ``t`` the agent sees the
 params — min-max normalised over the layers — then the resource reduced by
 the layers before, the resource of the layers after, and the previous action),
 picks an action in ``[0, 1]`` (the actor's sigmoid plus truncated-normal
-exploration noise; uniform random during warm-up) that maps linearly onto the
-layer's ``[low, high]``, and the *action wall* lowers it so that the remaining
-layers at their lower bounds can still meet the target. The finished policy is
-projected by the budget like every other optimizer's.
+exploration noise; uniform random during warm-up) that maps onto the layer's
+``[low, high]``, and the *action wall* lowers it so that the remaining layers at
+their lower bounds can still meet the target. The finished policy is projected
+by the budget like every other optimizer's; when that moves it, the episode
+stored in the replay memory is the projected policy's (its states and actions).
 
 :meth:`DDPG.tell` gives the episode's reward to every transition of that
 episode, stores them in the replay memory and, after warm-up, does one
 actor-critic update per transition; each update subtracts a moving average of
 the batch rewards (AMC's baseline). Plain torch, private random generators, and
 a :meth:`DDPG.state_dict` that holds everything needed to resume bit for bit.
+
+Where torchpocket departs from AMC (mit-han-lab/amc), and why:
+
+- **The first episode is the uniform policy** (its actions enter the replay
+  memory like any other), so the search never returns less than uniform.
+- **Action 0.5 maps to the layer's uniform value** (``--ddpg-center uniform``;
+  0 and 1 stay the layer's bounds). In AMC the action is the preserve ratio
+  itself, so the untrained actor's 0.5 and the middle of the warm-up spend a
+  tight budget (0.3 of the FLOPs) on the first layers and the action wall pins
+  the rest at the lower bound; centred, the agent starts from the uniform
+  policy and explores around it. ``--ddpg-center linear`` restores AMC's map.
+- **Noise decay** is AMC's 0.95 per learning episode, or faster in a search too
+  short for it to end near zero (sigma 0.02 by the last episode).
+- Remaining differences (kept): ``log1p`` of the parameter count and constant
+  features at 0 in the embedding; *reduced* counts the undecided layers at full
+  size (AMC: at their lower bound); the previous action is scaled to the
+  layer's bounds; every proposal is projected onto the Budget (AMC evaluates the
+  walked policy, which may fall short of the target).
 """
 
 from __future__ import annotations
@@ -50,10 +69,15 @@ class DDPGConfig:
     memory_episodes: int = opt(100, "replay memory size, in episodes (AMC: 100 transitions per layer)",
                                flag="--ddpg-memory-episodes")
     noise_init: float = opt(0.5, "initial sigma of the truncated-normal exploration noise", flag="--ddpg-noise-init")
-    noise_decay: float = opt(0.95, "factor applied to the noise sigma after every episode past warm-up",
-                             flag="--ddpg-noise-decay")
+    noise_decay: float = opt(-1.0, "factor applied to the noise sigma after every episode past warm-up (-1 = "
+                                   "AMC's 0.95, or faster when fewer learning episodes remain, so that sigma ends "
+                                   "at 0.02 by the last episode)", flag="--ddpg-noise-decay")
     discount: float = opt(1.0, "discount factor of the critic's target", flag="--ddpg-discount")
     moving_alpha: float = opt(0.5, "rate of the moving-average reward baseline", flag="--ddpg-moving-alpha")
+    center: str = opt("uniform", "where the action 0.5 (the untrained actor's output, the middle of the warm-up "
+                                 "and of the noise) lands: uniform = the layer's value in the uniform policy, "
+                                 "0 and 1 still the layer's bounds (torchpocket); linear = the middle of "
+                                 "[low, high] (AMC)", flag="--ddpg-center", choices=("uniform", "linear"))
 
 
 register_section("ddpg", DDPGConfig)
@@ -67,6 +91,17 @@ def _init_linear(module: nn.Module, gen: torch.Generator) -> None:
             with torch.no_grad():
                 m.weight.uniform_(-bound, bound, generator=gen)
                 m.bias.uniform_(-bound, bound, generator=gen)
+
+
+AMC_NOISE_DECAY = 0.95
+NOISE_END = 0.02
+
+
+def noise_decay(sigma0: float, learning_episodes: int) -> float:
+    """AMC's 0.95 per episode, or faster so that sigma is down to 0.02 by the last of a short search."""
+    if learning_episodes <= 0 or sigma0 <= NOISE_END:
+        return AMC_NOISE_DECAY
+    return min(AMC_NOISE_DECAY, (NOISE_END / sigma0) ** (1.0 / learning_episodes))
 
 
 class Actor(nn.Module):
@@ -152,6 +187,7 @@ class DDPG(Optimizer):
     """AMC's DDPG agent: walks the layers one action at a time, with the action wall and truncated-normal noise"""
 
     parallel: ClassVar[bool] = False
+    seeds_uniform: ClassVar[bool] = True
     Config: ClassVar[type] = DDPGConfig  # its config section, for the pipeline
     section: ClassVar[str] = "ddpg"
 
@@ -162,6 +198,8 @@ class DDPG(Optimizer):
         if n == 0:
             raise UserError("--hpo ddpg needs at least one compressible layer")
         self.warmup = cfg.warmup if cfg.warmup >= 0 else max(1, round(0.25 * self.total_trials))
+        self.noise_decay = cfg.noise_decay if cfg.noise_decay > 0 else noise_decay(
+            cfg.noise_init, self.total_trials - self.warmup)
         self.np_rng = np.random.default_rng(self.seed)
         self.torch_rng = torch.Generator().manual_seed(self.seed)
 
@@ -185,6 +223,19 @@ class DDPG(Optimizer):
         self.lows, self.highs = space.lows, space.highs
         self.span = self.highs - self.lows
         self._full_cost = self._total(list(self.highs))
+        self.center = (np.asarray(self.uniform_policy(), float) if cfg.center == "uniform"
+                       else self.lows + 0.5 * self.span)
+
+    # -- actions: [0, 1] -> the layer's [low, high], 0.5 -> its center -------------------------------
+    def to_value(self, t: int, u: float) -> float:
+        lo, c, hi = float(self.lows[t]), float(self.center[t]), float(self.highs[t])
+        return lo + 2 * u * (c - lo) if u <= 0.5 else c + (2 * u - 1) * (hi - c)
+
+    def to_action(self, t: int, value: float) -> float:
+        lo, c, hi = float(self.lows[t]), float(self.center[t]), float(self.highs[t])
+        if value <= c:
+            return 0.5 * (value - lo) / (c - lo) if c > lo else 0.5
+        return 0.5 + 0.5 * (value - c) / (hi - c) if hi > c else 0.5
 
     # -- the environment side: AMC's layer embedding ---------------------------------------------
     def _static_embedding(self) -> np.ndarray:
@@ -224,27 +275,59 @@ class DDPG(Optimizer):
         return float(np.clip(self._truncated_normal(mu, self.sigma), 0.0, 1.0))
 
     def ask(self) -> Policy:
-        b, n = self.space.budget, len(self.space)
+        b = self.space.budget
         warm = self.episode < self.warmup
+        seeding = self.seeding()
+        self.last_kind = "uniform" if seeding else "search"
+        self.seeded = True
+        if seeding:  # the uniform episode: the actions that give the uniform policy, stored like the agent's own
+            out = self.uniform_policy()
+            states, actions = self._walk(out)
+        else:
+            policy, states, actions = self._episode(warm)
+            out = b.project(policy)
+            if not np.allclose(out, policy, rtol=0, atol=1e-9):
+                # the Budget moved the walked policy (filled it up to the target): store the actions and
+                # states of the policy that is scored, so the critic learns the reward of what was done
+                states, actions = self._walk(out)
+        self.pending.append({"policy": list(out), "episode": self.episode, "states": states, "actions": actions})
+        if not warm:
+            self.sigma *= self.noise_decay
+        self.episode += 1
+        return out
+
+    def _episode(self, warm: bool) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
+        """One walk over the layers with the agent's (or warm-up) actions and the action wall."""
+        b, n = self.space.budget, len(self.space)
         policy = self.highs.copy()
         states, actions = [], []
         prev = 1.0
         for t in range(n):
             s = self._state(t, policy, prev)
             u = self._act(s, warm)
-            a = min(self.lows[t] + u * self.span[t], b.max_action(list(policy[:t]), t))  # the action wall
+            a = min(self.to_value(t, u), b.max_action(list(policy[:t]), t))  # the action wall
             trial = policy.copy()
             trial[t] = a
             policy[t] = b.clip(trial)[t]  # the layer's granularity (e.g. whole bits)
-            prev = float((policy[t] - self.lows[t]) / self.span[t]) if self.span[t] > 0 else 1.0
+            prev = self._prev(t, policy[t])
             states.append(s)
             actions.append(u)
-        out = b.project(policy)
-        self.pending.append({"policy": list(out), "episode": self.episode, "states": states, "actions": actions})
-        if not warm:
-            self.sigma *= self.config.noise_decay
-        self.episode += 1
-        return out
+        return policy, states, actions
+
+    def _walk(self, target: Policy) -> tuple[list[np.ndarray], list[float]]:
+        """The states and actions of an episode that ends in ``target``."""
+        policy = self.highs.copy()
+        states, actions = [], []
+        prev = 1.0
+        for t in range(len(self.space)):
+            states.append(self._state(t, policy, prev))
+            actions.append(self.to_action(t, float(target[t])))
+            policy[t] = float(target[t])
+            prev = self._prev(t, policy[t])
+        return states, actions
+
+    def _prev(self, t: int, value: float) -> float:
+        return float((value - self.lows[t]) / self.span[t]) if self.span[t] > 0 else 1.0
 
     # -- learning ----------------------------------------------------------------------------------
     def _take_pending(self, policy: Policy) -> dict[str, Any] | None:
@@ -298,6 +381,7 @@ class DDPG(Optimizer):
             "n_layers": len(self.space),
             "warmup": self.warmup,
             "episode": self.episode,
+            "seeded": self.seeded,
             "sigma": self.sigma,
             "moving_average": self.moving_average,
             "actor": self.actor.state_dict(),
@@ -320,6 +404,7 @@ class DDPG(Optimizer):
                             f"{len(self.space)}: resume with the same model and learner")
         self.history = [(list(p), float(r)) for p, r in state["history"]]
         self.warmup, self.episode = int(state["warmup"]), int(state["episode"])
+        self.seeded = bool(state.get("seeded", self.episode > 0))
         self.sigma = float(state["sigma"])
         self.moving_average = None if state["moving_average"] is None else float(state["moving_average"])
         for name in ("actor", "critic", "actor_target", "critic_target", "actor_optim", "critic_optim"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from torchpocket.hpo import register_hpo
 from torchpocket.hpo.base import Optimizer
@@ -12,6 +12,8 @@ from torchpocket.hpo.space import Policy
 @register_hpo("none")
 class FixedPolicy(Optimizer):
     """No search: the policy from --policy, else the learner's default (e.g. --bits, or uniform at the target)"""
+
+    max_trials: ClassVar[int | None] = 1
 
     def __init__(self, space: Any, *, policy: Policy | None = None, **kw: Any) -> None:
         super().__init__(space, **kw)

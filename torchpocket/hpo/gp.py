@@ -65,6 +65,7 @@ class GPOptimizer(Optimizer):
     """Gaussian-process Bayesian optimisation (scikit-optimize), proposals projected onto the budget"""
 
     parallel: ClassVar[bool] = False
+    seeds_uniform: ClassVar[bool] = True
     Config: ClassVar[type] = GPConfig  # its config section, for the pipeline
     section: ClassVar[str] = "gp"
 
@@ -108,6 +109,11 @@ class GPOptimizer(Optimizer):
                 self.opt.tell(list(x), y)
 
     def ask(self) -> Policy:
+        if self.seeding():  # skopt's x0: a point it did not propose, told like its own (no ask to replay)
+            policy = self.ask_uniform()
+            self.pending.append((policy, [float(policy[i]) for i in self.free]))
+            return policy
+        self.last_kind = "search"
         x = self._ask_x()
         self.journal.append([])
         full = [float(v) for v in self.space.lows]
@@ -133,7 +139,7 @@ class GPOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [[list(p), r] for p, r in self.history], "n_layers": len(self.space),
-                "journal": [list(e) for e in self.journal],
+                "journal": [list(e) for e in self.journal], "seeded": self.seeded,
                 "pending": [[list(p), list(x)] for p, x in self.pending]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -148,3 +154,4 @@ class GPOptimizer(Optimizer):
         self.journal = [list(e) for e in state["journal"]]
         self.pending = [([float(v) for v in p], [float(v) for v in x]) for p, x in state["pending"]]
         self.history = [(list(p), float(r)) for p, r in state["history"]]
+        self.seeded = bool(state.get("seeded", bool(self.journal)))

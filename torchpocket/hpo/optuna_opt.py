@@ -8,7 +8,8 @@ sampler. With ``storage`` (an Optuna RDB URL such as ``sqlite:///search.db``)
 the study lives in that database and several worker processes can share it;
 resuming then just reattaches to it. In memory, resume replays the journal of
 asks and tells into a fresh study with the same seed, which makes the same
-proposals again.
+proposals again. Every new study starts with the uniform policy
+(``study.enqueue_trial``), which the sampler then learns from like any trial.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class OptunaOptimizer(Optimizer):
     """Base of the Optuna optimizers: an Optuna study driven by ask / tell; subclasses pick the sampler."""
 
     parallel: ClassVar[bool] = True
+    seeds_uniform: ClassVar[bool] = True
 
     def __init__(self, space: SearchSpace, **kw: Any) -> None:
         super().__init__(space, **kw)
@@ -48,15 +50,20 @@ class OptunaOptimizer(Optimizer):
     def _open_study(self) -> optuna.Study:
         sampler = self.make_sampler()
         if self.storage is None:
-            return optuna.create_study(sampler=sampler, direction="maximize", study_name=self.study_name)
-        name = self.study_name or DEFAULT_STUDY_NAME
-        try:
-            return optuna.create_study(storage=self.storage, study_name=name, load_if_exists=True,
-                                       direction="maximize", sampler=sampler)
-        except Exception as e:  # noqa: BLE001  (bad URL, missing driver, unreachable server, wrong direction...)
-            detail = (str(e).strip().splitlines() or [""])[0][:200]
-            raise UserError(f"cannot open Optuna storage {self.storage!r} (study {name!r}): "
-                            f"{type(e).__name__}: {detail}") from None
+            study = optuna.create_study(sampler=sampler, direction="maximize", study_name=self.study_name)
+        else:
+            name = self.study_name or DEFAULT_STUDY_NAME
+            try:
+                study = optuna.create_study(storage=self.storage, study_name=name, load_if_exists=True,
+                                            direction="maximize", sampler=sampler)
+            except Exception as e:  # noqa: BLE001  (bad URL, missing driver, unreachable server, wrong direction...)
+                detail = (str(e).strip().splitlines() or [""])[0][:200]
+                raise UserError(f"cannot open Optuna storage {self.storage!r} (study {name!r}): "
+                                f"{type(e).__name__}: {detail}") from None
+        if not study.get_trials(deepcopy=False):  # a new study (a shared one: its first worker) starts uniform
+            uniform = self.uniform_policy()
+            study.enqueue_trial(dict(zip(self.space.names, uniform)), user_attrs={"kind": "uniform"})
+        return study
 
     def _ask_trial(self) -> tuple[Policy, int]:
         lows, highs = self.space.lows, self.space.highs
@@ -65,6 +72,10 @@ class OptunaOptimizer(Optimizer):
             x = [trial.suggest_float(name, float(lo), float(hi)) for name, lo, hi in zip(self.space.names, lows, highs)]
         self._live[trial.number] = trial
         self.last_number = trial.number
+        self.last_kind = "uniform" if trial.user_attrs.get("kind") == "uniform" else "search"
+        if self.last_kind == "uniform":
+            self.seeded = True
+            return self.uniform_policy(), trial.number  # exactly the uniform policy (projection would nudge it)
         return self.space.budget.project(x), trial.number
 
     def _tell_trial(self, number: int, value: float | None, policy: Policy | None = None) -> None:

@@ -1,4 +1,7 @@
-"""Baselines: ``random`` (uniform in the bounds, projected onto the budget) and ``uniform`` (one ratio for all)."""
+"""Baselines: ``random`` (uniform in the bounds, projected onto the budget) and ``uniform`` (one ratio for all).
+
+``random`` scores the uniform policy first, like every learned optimizer.
+"""
 
 from __future__ import annotations
 
@@ -13,33 +16,40 @@ from torchpocket.hpo.space import Policy, SearchSpace
 
 @register_hpo("random")
 class RandomSearch(Optimizer):
-    """Random search: each layer uniform in its [low, high], projected onto the budget"""
+    """Random search: each layer uniform in its [low, high], projected onto the budget (uniform policy first)"""
 
     parallel: ClassVar[bool] = False
+    seeds_uniform: ClassVar[bool] = True
 
     def __init__(self, space: SearchSpace, **kw: Any) -> None:
         super().__init__(space, **kw)
         self.rng = np.random.default_rng(self.seed)
 
     def ask(self) -> Policy:
+        if self.seeding():
+            return self.ask_uniform()
+        self.last_kind = "search"
         x = self.rng.uniform(self.space.lows, self.space.highs)
         return self.space.budget.project(x)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rng": self.rng.bit_generator.state}
+        return {**super().state_dict(), "rng": self.rng.bit_generator.state, "seeded": self.seeded}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = [(list(p), float(r)) for p, r in state["history"]]
         self.rng.bit_generator.state = state["rng"]
+        self.seeded = bool(state.get("seeded", bool(self.history)))
 
 
 @register_hpo("uniform")
 class UniformPolicy(Optimizer):
-    """Uniform baseline: the same ratio for every layer, meeting the target (asks the same policy every time)"""
+    """Uniform baseline: the same ratio for every layer, meeting the target (one trial, whatever --episodes says)"""
 
     parallel: ClassVar[bool] = False
+    max_trials: ClassVar[int | None] = 1
 
     def ask(self) -> Policy:
+        self.last_kind = "uniform"
         return self.space.budget.uniform()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
