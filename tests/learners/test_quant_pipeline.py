@@ -21,6 +21,7 @@ import torchpocket
 from tests.conftest import run_ok
 from torchpocket.cli import main
 from torchpocket.learners._quant import weight_codes
+from torchpocket.pipeline import TrialLog
 
 DIGITS = ["--dataset", "digits", "--net", "resnet20", "--device", "cpu", "--quiet", "--epochs", "10",
           "--latency-repeats", "2"]
@@ -105,6 +106,13 @@ def test_two_bit_average_with_binary_layers_ships_and_reloads(capsys: pytest.Cap
                      "--out-dir", str(tmp_path))
     rows = [json.loads(ln) for ln in (run_dir / "trials.jsonl").read_text().splitlines()]
     assert any(1 in r["policy"] for r in rows) and all(r["resource"] <= 0.0625 + 1e-9 for r in rows)
+    # the search may choose its uniform first trial (2 bits everywhere): ship a searched policy with 1-bit layers
+    names = (run_dir / "trials.csv").read_text().splitlines()[0].split(",")[len(TrialLog.FIELDS):]
+    with_binary = next(r["policy"] for r in rows if 1 in r["policy"])
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump({"layers": dict(zip(names, with_binary, strict=True))}))
+    run_dir = run_ok(capsys, *DIGITS, "--learner", "uniform-quant", "--hpo", "none", "--policy", str(policy),
+                     "--target", "0.0625", "--min-bits", "1", "--retrain-epochs", "0", "--out-dir", str(tmp_path))
     s = summary(run_dir)
     codes = weight_codes(torchpocket.load(run_dir / "model.pt"))
     binary = [c for c, b in codes.values() if b == 1]

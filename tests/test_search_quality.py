@@ -1,0 +1,77 @@
+"""What makes a search worth running, end to end: the uniform first trial, uniform scored once, the
+sensitivity optimizer's probes (logged, cached, drawn, never chosen)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import torchpocket
+from tests.conftest import run_ok
+from tests.test_pipeline import TINY, trials
+
+pytestmark = pytest.mark.usefixtures("shared_cache")
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("hpo", ["random", "tpe", "ddpg"])
+def test_a_learned_search_starts_from_uniform_and_never_ends_below_it(capsys: pytest.CaptureFixture[str],
+                                                                       tmp_path: Path, hpo: str) -> None:
+    run_dir = run_ok(capsys, *TINY, "--hpo", hpo, "--episodes", "4", "--out-dir", str(tmp_path))
+    rows = trials(run_dir)
+    assert [r["kind"] for r in rows] == ["uniform", "search", "search", "search"]
+    uniform = run_ok(capsys, *TINY, "--hpo", "uniform", "--out-dir", str(tmp_path / "u"))
+    assert rows[0]["policy"] == pytest.approx(trials(uniform)[0]["policy"])
+    with open(run_dir / "trials.csv") as f:
+        assert [r["kind"] for r in csv.DictReader(f)][0] == "uniform"
+    s = summary(run_dir)["search"]
+    assert s["uniform_trial"] == 0 and s["uniform_val_acc"] == rows[0]["val_acc"]
+    assert s["best_minus_uniform_val_acc"] >= 0 and s["best_val_acc"] == max(r["val_acc"] for r in rows)
+    assert "**Uniform policy (trial 0):**" in (run_dir / "report.md").read_text()
+
+
+def test_uniform_scores_its_one_policy_once_whatever_episodes_says(capsys: pytest.CaptureFixture[str],
+                                                                    tmp_path: Path) -> None:
+    run_dir = run_ok(capsys, *TINY, "--hpo", "uniform", "--episodes", "7", "--out-dir", str(tmp_path))
+    assert len(trials(run_dir)) == 1 and summary(run_dir)["trials"] == 1
+    x = torch.randn(64, 1, 8, 8)
+    data = DataLoader(TensorDataset(x, torch.randint(0, 3, (64,))), batch_size=32)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(8, 3))
+    _, result = torchpocket.compress(net, data, data, learner="chn-pruned", hpo="uniform", target=0.6,
+                                     episodes=60, retrain_epochs=0, calib_batches=1)
+    assert len(result.trials) == 1
+
+
+def test_sensitivity_probes_are_logged_cached_drawn_and_never_chosen(capsys: pytest.CaptureFixture[str],
+                                                                      tmp_path: Path) -> None:
+    argv = [*TINY, "--hpo", "sensitivity", "--target", "0.4", "--episodes", "16", "--sens-points", "1"]
+    run_dir = run_ok(capsys, *argv, "--out-dir", str(tmp_path / "a"))
+    rows = trials(run_dir)
+    kinds = [r["kind"] for r in rows]
+    n_layers = len(rows[0]["policy"])
+    assert kinds[0] == "uniform" and kinds[1:2 + n_layers] == ["probe"] * (1 + n_layers)
+    assert set(kinds[2 + n_layers:]) == {"search"}
+    probes = [r for r in rows if r["kind"] == "probe"]
+    assert all(r["resource"] > 0.4 for r in probes)  # outside the budget...
+    s = summary(run_dir)
+    assert s["search"]["probes"] == len(probes) and s["flops_ratio"] <= 0.4 + 1e-6  # ...and never the result
+    best = max((r for r in rows if r["kind"] != "probe"), key=lambda r: r["reward"])
+    assert s["search"]["best_trial"] == best["trial"]
+    report = (run_dir / "report.md").read_text()
+    assert "## Layer sensitivity" in report and (run_dir / "sensitivity.png").stat().st_size > 1000
+    assert report.count("| layer") >= 1 and rows[1]["resource"] == pytest.approx(1.0)
+
+    again = run_ok(capsys, *argv, "--target", "0.5", "--out-dir", str(tmp_path / "b"))  # probes ignore the target
+    rows2 = trials(again)
+    assert summary(again)["search"]["cached_probes"] == len(probes)
+    assert [r["val_acc"] for r in rows2 if r["kind"] == "probe"] == [r["val_acc"] for r in probes]
