@@ -29,11 +29,12 @@ import torch
 from torch import nn
 
 from torchpocket.config import default_config, validate
-from torchpocket.datasets import DataBundle, Split, TensorLoader
+from torchpocket.datasets import DataBundle, TensorLoader
 from torchpocket.errors import UserError
 from torchpocket.hpo import HPOS
 from torchpocket.learners.training import evaluate
 from torchpocket.pipeline import SearchResult, load_data, make_learner, resolve_baseline, search
+from torchpocket.pipeline import reward_loader as pipeline_reward_loader
 from torchpocket.profile import profile_model
 from torchpocket.utils import machine_description, resolve_device, seed_everything
 
@@ -308,12 +309,8 @@ class Bench:
 
 
 def reward_loader(data: DataBundle, size: int) -> Any:
-    val = data.val
-    if isinstance(val, Split):
-        if size and size < len(val):
-            val = val.subset(size)
-        return TensorLoader(val.x, val.y, batch_size=500)
-    return data.loader("val", batch_size=500)
+    """The pipeline's own reward split (the first ``size`` validation images)."""
+    return pipeline_reward_loader(data, size)[0]
 
 
 def base_config(args: argparse.Namespace, learner: str = LEARNER) -> dict[str, Any]:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import os
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
 from torchpocket.learners.training import load_checkpoint, save_checkpoint
+from torchpocket.utils import resolve_device
+
+if TYPE_CHECKING:
+    from torchpocket.pipeline import SearchResult
 
 
 def save_model(
@@ -85,10 +92,91 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, expect_net:
     return model
 
 
-def compress(model: nn.Module, train_loader: Any = None, val_loader: Any = None, **kwargs: Any) -> Any:
-    from torchpocket.pipeline import compress_model
+def compress(
+    model: nn.Module,
+    train_loader: Iterable[Any],
+    val_loader: Iterable[Any],
+    *,
+    learner: str = "chn-pruned",
+    hpo: str = "ddpg",
+    target: float = 0.5,
+    test_loader: Iterable[Any] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    device: str = "cpu",
+    **options: Any,
+) -> tuple[nn.Module, SearchResult]:
+    """Compress a model the user defined, with their own loaders (no registry entry needed).
 
-    return compress_model(model, train_loader, val_loader, **kwargs)
+    ``learner`` / ``hpo`` are the ``--learner`` / ``--hpo`` names, ``target`` the resource to keep.
+    ``options`` are config fields by name, as in a YAML preset (``episodes=20, ft_steps=100,
+    retrain_epochs=0, calib_batches=2, ...``). The search is scored on ``val_loader``; ``test_loader``
+    (default: ``val_loader``) is read once, at the end. Returns the compressed model and the search
+    result; with ``out_dir`` a run directory is written too (``model.pt``, ``summary.json``, report).
+    """
+    from torchpocket.config import default_config, iter_fields, merge, validate
+    from torchpocket.pipeline import RunDir, finalize, make_learner, search
+
+    cfg = default_config()
+    cfg["run"].update(learner=learner, hpo=hpo, target=target, net="user", device=device, quiet=True)
+    by_name = {f.name: section for section, f, _ in iter_fields()}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in options.items():
+        if key not in by_name:
+            raise UserError(f"unknown option {key!r} for compress()")
+        nested.setdefault(by_name[key], {})[key] = value
+    cfg = merge(cfg, nested, "compress()")
+    cfg["run"]["net"] = "resnet20"  # validate() checks a registry net name; a user model has none
+    validate(cfg)
+    cfg["run"]["net"] = None
+    dev = resolve_device(device)
+    data = LoaderBundle(train_loader, val_loader, test_loader)
+    teacher = copy.deepcopy(model).to(dev).eval()
+    with torch.no_grad():
+        data.num_classes = int(teacher(next(iter(val_loader))[0][:1].to(dev)).shape[1])
+    learner_obj = make_learner(cfg, dev)
+    rd = None
+    if out_dir:
+        cfg["run"]["out_dir"], cfg["run"]["net"] = str(out_dir), "user"
+        rd = RunDir.create(cfg)
+    result = search(learner_obj, teacher, data, cfg, run_dir=rd, device=dev)
+    if rd is not None:
+        finalize(learner_obj, teacher, result, data, cfg, run_dir=rd, device=dev, base_arch=[], net=None)
+        return load(rd.path / "model.pt", model=copy.deepcopy(model)), result
+    final = learner_obj.compress(teacher, result.best_policy)
+    if cfg["search"]["retrain_epochs"]:
+        learner_obj.retrain(final, teacher=teacher, epochs=cfg["search"]["retrain_epochs"],
+                            lr=cfg["search"]["retrain_lr"])
+    return final.eval(), result
 
 
-__all__ = ["compress", "load", "save_model", "torch"]
+class LoaderBundle(DataBundle):
+    """A DataBundle over loaders the user already has (Python API): the loaders are used as given."""
+
+    def __init__(self, train_loader: Any, val_loader: Any, test_loader: Any = None) -> None:
+        x, y = next(iter(train_loader))
+        super().__init__("user", _LoaderSplit(train_loader), _LoaderSplit(val_loader),
+                         _LoaderSplit(test_loader or val_loader), in_channels=int(x.shape[1]),
+                         num_classes=0, image_size=int(x.shape[-1]))
+        self._loaders = {"train": train_loader, "val": val_loader, "test": test_loader or val_loader}
+
+    def loader(self, split: str, **_: Any) -> Any:
+        return self._loaders[split]
+
+
+class _LoaderSplit:
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        ds = getattr(self.loader, "dataset", None)
+        return len(ds) if ds is not None else len(self.loader) * getattr(self.loader, "batch_size", 1)
+
+    def __getitem__(self, i: int) -> Any:
+        ds = getattr(self.loader, "dataset", None)
+        if ds is not None:
+            return ds[i]
+        x, y = next(iter(self.loader))
+        return x[i], y[i]
+
+
+__all__ = ["compress", "load", "save_model"]

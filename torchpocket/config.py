@@ -60,7 +60,7 @@ def register_section(name: str, cls: type) -> None:
 def _all_sections() -> dict[str, type]:
     import torchpocket.hpo  # noqa: F401  (register their sections)
     import torchpocket.learners  # noqa: F401
-    import torchpocket.pipeline  # noqa: F401
+    import torchpocket.pipeline.search  # noqa: F401
 
     return SECTIONS
 
@@ -193,6 +193,10 @@ def validate(cfg: dict[str, dict[str, Any]]) -> None:
     for key, where in (("threads", "run"), ("reward_val_size", "search"), ("ft_steps", "search")):
         if cfg[where][key] < 0:
             raise UserError(f"--{key.replace('_', '-')} must not be negative, got {cfg[where][key]}")
+    for name, cls in SECTIONS.items():  # a component's own cross-field checks (quant: --bits)
+        check = getattr(cls, "check", None)
+        if check is not None and name in cfg:
+            check(cfg)
     if cfg["data"]["val_size"] == 0 and LEARNERS.get(run["learner"]).searchable:
         raise UserError("--val-size 0 leaves nothing to score candidates on; the search needs a validation split")
 

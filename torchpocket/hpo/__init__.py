@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from torchpocket.hpo.base import Optimizer
-from torchpocket.hpo.space import Budget, LayerSpec, Policy, SearchSpace
 from torchpocket.registry import Registry
+from torchpocket.space import Budget, LayerSpec, Policy, SearchSpace
 
 HPOS: Registry = Registry("optimizer")
 register_hpo = HPOS.register
@@ -19,4 +19,14 @@ def create_optimizer(name: str, space: SearchSpace, **kwargs: Any) -> Optimizer:
     return HPOS.get(name)(space, **kwargs)
 
 
-from torchpocket.hpo import ddpg, fixed, gp, optuna_opt, sensitivity, simple  # noqa: E402,F401  (fill the registry)
+def _import_all() -> None:
+    """Import every module of this package once, so each optimizer registers itself (one file, one decorator)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_") and info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all()

@@ -13,6 +13,7 @@ Declared capabilities (class attributes, never duck-typed):
 - ``seeds_uniform``: the first trial is the uniform policy (``Budget.uniform``),
   so a search never returns something worse than uniform on the reward split;
 - ``max_trials``: the most distinct trials the optimizer can use (``uniform``: 1);
+- ``takes_policy``: the constructor takes the user's ``policy`` (``none``);
 - :attr:`Optimizer.last_kind`: what the latest :meth:`ask` returned, one of
   :data:`TRIAL_KINDS`.
 """
@@ -23,7 +24,7 @@ import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
-from torchpocket.hpo.space import Policy, SearchSpace
+from torchpocket.space import Policy, SearchSpace
 
 #: ``uniform``: the uniform policy seeding a search; ``probe``: scored to learn, outside the budget, never the
 #: result; ``search``: any other proposal.
@@ -43,7 +44,9 @@ class Optimizer(ABC):
     parallel: ClassVar[bool] = False
     seeds_uniform: ClassVar[bool] = False
     max_trials: ClassVar[int | None] = None  # None: any number
+    takes_policy: ClassVar[bool] = False  # the constructor takes ``policy=`` (``--policy policy.yaml``)
     Config: ClassVar[type | None] = None  # the optimizer's config dataclass (its section), if it has options
+    section: ClassVar[str | None] = None  # the name of that section
 
     def __init__(self, space: SearchSpace, *, seed: int = 0, total_trials: int = 0, config: Any = None,
                  storage: str | None = None, study_name: str | None = None) -> None:
@@ -53,6 +56,7 @@ class Optimizer(ABC):
         self.history: list[tuple[Policy, float]] = []
         self.last_kind: str = "search"  # the kind (TRIAL_KINDS) of the policy the latest ask() returned
         self.seeded = False  # the uniform first trial has been asked
+        self.last_number = -1  # number of the latest asked trial (study-wide in a shared study)
 
     @classmethod
     def default_config(cls) -> Any:
@@ -87,6 +91,17 @@ class Optimizer(ABC):
         for policy, reward in state["history"]:
             self.ask()
             self.tell(list(policy), float(reward))
+
+    # -- parallel workers (``parallel = True``): a shared study's side of the protocol --------------
+    def annotate(self, **attrs: Any) -> None:
+        """Attach plain-data attributes (val acc, resource, worker) to the latest asked trial in the study."""
+
+    def abandon(self, policy: Policy, reason: str) -> None:
+        """Give back an asked trial without scoring it (over the shared budget)."""
+
+    def shared_trials(self) -> list[dict[str, Any]]:
+        """Every trial of the shared study, all workers, oldest first: number, state, value, attributes."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no shared study (parallel = False)")
 
     @staticmethod
     def pop_pending(pending: list[Any], policy: Policy) -> Any:

@@ -50,7 +50,7 @@ from torchpocket.config import opt, register_section
 from torchpocket.errors import UserError
 from torchpocket.hpo import register_hpo
 from torchpocket.hpo.base import Optimizer
-from torchpocket.hpo.space import Policy, SearchSpace
+from torchpocket.space import Policy, SearchSpace
 
 N_FEATURES = 10  # AMC's layer embedding: 7 static features + reduced, rest, previous action
 

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from torchpocket.hpo import register_hpo
 from torchpocket.hpo.base import Optimizer
-from torchpocket.hpo.space import Policy
+from torchpocket.space import Policy
 
 
 @register_hpo("none")
@@ -14,6 +14,7 @@ class FixedPolicy(Optimizer):
     """No search: the policy from --policy, else the learner's default (e.g. --bits, or uniform at the target)"""
 
     max_trials: ClassVar[int | None] = 1
+    takes_policy: ClassVar[bool] = True
 
     def __init__(self, space: Any, *, policy: Policy | None = None, **kw: Any) -> None:
         super().__init__(space, **kw)

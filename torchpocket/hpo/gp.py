@@ -20,7 +20,7 @@ from torchpocket.config import opt, register_section
 from torchpocket.errors import UserError
 from torchpocket.hpo import register_hpo
 from torchpocket.hpo.base import Optimizer
-from torchpocket.hpo.space import Policy, SearchSpace
+from torchpocket.space import Policy, SearchSpace
 
 
 @dataclass

@@ -24,7 +24,7 @@ from torchpocket.errors import UserError
 from torchpocket.hpo import register_hpo
 from torchpocket.hpo.base import Optimizer
 from torchpocket.hpo.gp import one_blas_thread
-from torchpocket.hpo.space import Policy, SearchSpace
+from torchpocket.space import Policy, SearchSpace
 
 DEFAULT_STUDY_NAME = "torchpocket"
 

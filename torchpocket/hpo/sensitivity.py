@@ -35,7 +35,7 @@ import numpy as np
 from torchpocket.config import opt, register_section
 from torchpocket.hpo import register_hpo
 from torchpocket.hpo.base import Optimizer
-from torchpocket.hpo.space import Policy, SearchSpace
+from torchpocket.space import Policy, SearchSpace
 
 
 @dataclass

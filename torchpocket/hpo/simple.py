@@ -11,7 +11,7 @@ import numpy as np
 
 from torchpocket.hpo import register_hpo
 from torchpocket.hpo.base import Optimizer
-from torchpocket.hpo.space import Policy, SearchSpace
+from torchpocket.space import Policy, SearchSpace
 
 
 @register_hpo("random")

@@ -27,6 +27,7 @@ import math
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +35,9 @@ from torch import Tensor, fx, nn
 
 from torchpocket.config import opt, register_section
 from torchpocket.errors import UnsupportedModel, UserError
-from torchpocket.hpo.space import Budget, LayerSpec, Policy, SearchSpace
 from torchpocket.learners._layers import layer_kind
 from torchpocket.learners._layers import weight_layers as quant_layers
+from torchpocket.space import Budget, LayerSpec, Policy, SearchSpace
 
 FP_BITS = 32
 UNIFORM_BITS = (1, 8)  # 1 bit: binary {-a, +a} (BWN); 2 bits and up: symmetric {-qmax..qmax}; int8 holds 8
@@ -67,6 +68,24 @@ class QuantConfig:
     kmeans_grad: str = opt("mean", "non-uniform-quant: a centroid's gradient is the sum of its weights' "
                            "gradients divided by the cluster size (mean) or not (sum: Han et al. verbatim, needs "
                            "a far smaller learning rate)", flag="--kmeans-grad", choices=("mean", "sum"))
+
+    @classmethod
+    def check(cls, cfg: dict[str, Any]) -> None:
+        """``--bits N`` fixes every layer's bit-width: a quantization learner, and no search (``--hpo none``)."""
+        from torchpocket.learners import LEARNERS
+
+        bits = cfg["quant"]["bits"]
+        if bits is None:
+            return
+        run = cfg["run"]
+        if LEARNERS.get(run["learner"]).section != "quant":
+            raise UserError(f"--bits applies to the quantization learners (uniform-quant, non-uniform-quant), "
+                            f"not {run['learner']!r}")
+        if run["hpo"] != "none":
+            raise UserError(f"--bits {bits} puts every layer at {bits} bits, there is nothing to search: drop "
+                            f"--hpo {run['hpo']} (or drop --bits and give --target to search mixed precision)")
+        if cfg["search"]["policy"]:
+            raise UserError("--bits and --policy both fix the bits: give one of them")
 
 
 register_section("quant", QuantConfig)

@@ -27,8 +27,8 @@ from torch import nn
 from torchpocket.datasets import DataBundle
 from torchpocket.distributed import per_rank_batch, world_size
 from torchpocket.distributed import rank as dist_rank
-from torchpocket.hpo.space import Policy, SearchSpace
 from torchpocket.learners.training import TrainConfig, finetune, fit
+from torchpocket.space import Policy, SearchSpace
 
 
 class Learner(ABC):
@@ -38,13 +38,18 @@ class Learner(ABC):
     ``section``) when they have options, and implement :meth:`search_space` and
     :meth:`compress`. Hooks with defaults: :meth:`prepare`, :meth:`after_step`
     (enforce masks / ranges after each optimizer step), :meth:`arch_state` /
-    :meth:`rebuild` (for learners that change the architecture), :meth:`export`.
+    :meth:`rebuild` (for learners that change the architecture), :meth:`export`,
+    :meth:`onnx_float_model`, :meth:`deploy` (files built from ``model.onnx``) and
+    :meth:`summary_fields`; its own option checks live on its ``Config``
+    (a ``check(cfg)`` classmethod, run by ``config.validate``).
     """
 
     Config: ClassVar[type | None] = None
     section: ClassVar[str | None] = None
     searchable: ClassVar[bool] = True  # False: the learner takes no policy (full-prec)
     policy_name: ClassVar[str] = "ratio"  # what a policy value means, for reports
+    # other sections whose options this learner reads: constructor keyword -> section (dis-chn-pruned: chn's)
+    extra_sections: ClassVar[dict[str, str]] = {}
 
     def __init__(self, *, config: Any = None, train_cfg: TrainConfig | None = None,
                  device: torch.device | str = "cpu", quiet: bool = True, seed: int = 0) -> None:
@@ -88,7 +93,20 @@ class Learner(ABC):
         return model
 
     def export(self, model: nn.Module, run_dir: Any, example: torch.Tensor) -> dict[str, Any]:
-        """Learner-specific deployment files; returns figures for summary.json."""
+        """Learner-specific deployment files; returns figures for summary.json (key ``export``)."""
+        return {}
+
+    def onnx_float_model(self, model: nn.Module) -> nn.Module:
+        """The fp32 network written as ``model.onnx`` (a quantizer: its quantized weights as floats)."""
+        return model
+
+    def deploy(self, model: nn.Module, fp32_onnx: Any, data: DataBundle, run_dir: Any, *,
+               repeats: int = 20) -> dict[str, Any]:
+        """Deployment files built from ``model.onnx`` (an int8 model, say); top-level keys for summary.json."""
+        return {}
+
+    def summary_fields(self, policy: Policy, summary: dict[str, Any]) -> dict[str, Any]:
+        """Extra top-level fields of summary.json for the final ``policy`` (``summary`` holds the measurements)."""
         return {}
 
     # -- shared training ---------------------------------------------------------------------

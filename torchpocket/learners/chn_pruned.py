@@ -50,7 +50,6 @@ from torch.nn import functional as F
 from torchpocket.config import opt, register_section
 from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
-from torchpocket.hpo.space import Budget, LayerSpec, Policy, SearchSpace
 from torchpocket.learners import register_learner
 from torchpocket.learners.base import Learner
 from torchpocket.learners.channel_graph import (
@@ -63,6 +62,7 @@ from torchpocket.learners.channel_graph import (
     example_input,
     find_channel_groups,
 )
+from torchpocket.space import Budget, LayerSpec, Policy, SearchSpace
 from torchpocket.utils import atomic_write_text, machine_description
 
 ARCH_ATTR = "_torchpocket_chn_arch"  # the pruning record rides on the pruned module (survives deepcopy)
@@ -452,6 +452,16 @@ class ChnPrunedLearner(Learner):
                 "threads": lat.meta["threads"], "device": lat.meta["device"], "lut_layers": lat.meta["layers"],
                 "lut_timings": lat.meta["timings"], "lut_build_seconds": lat.meta["build_seconds"],
                 "lut_loaded_from": lat.meta.get("loaded_from")}
+
+
+    def summary_fields(self, policy: Policy, summary: dict[str, Any]) -> dict[str, Any]:
+        """With ``--resource latency``: the lookup table's prediction beside the final model's measured latency."""
+        if self.config.resource != "latency":
+            return {}
+        pred = self.latency_summary(policy)  # HAQ-style lookup table vs what the final model measures
+        pred["measured_ms_b1"] = summary["compressed"]["latency_ms_b1"]
+        print(f"latency: predicted {json.dumps(pred)}", flush=True)
+        return {"latency_prediction": pred}
 
     def compress(self, model: nn.Module, policy: Policy) -> nn.Module:
         """A pruned copy of ``model``: selection, reconstruction, then the cut (``model`` is untouched)."""

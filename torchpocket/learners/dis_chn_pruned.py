@@ -48,10 +48,10 @@ from torch.nn import functional as F
 from torchpocket.config import opt, register_section
 from torchpocket.datasets import DataBundle
 from torchpocket.errors import UnsupportedModel, UserError
-from torchpocket.hpo.space import Policy
 from torchpocket.learners import register_learner
 from torchpocket.learners.channel_graph import ChannelGroup, example_input
 from torchpocket.learners.chn_pruned import _MAX_GRAM_DIM, ChnConfig, ChnPrunedLearner, _Calib
+from torchpocket.space import Policy
 
 
 @dataclass

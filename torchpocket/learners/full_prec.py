@@ -6,9 +6,9 @@ import copy
 
 from torch import nn
 
-from torchpocket.hpo.space import Budget, Policy, SearchSpace
 from torchpocket.learners import register_learner
 from torchpocket.learners.base import Learner
+from torchpocket.space import Budget, Policy, SearchSpace
 
 
 @register_learner("full-prec")

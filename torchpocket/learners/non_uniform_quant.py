@@ -33,7 +33,6 @@ from torch import Tensor, nn
 
 from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
-from torchpocket.hpo.space import Policy, SearchSpace
 from torchpocket.learners import register_learner
 from torchpocket.learners._layers import layer_macs
 from torchpocket.learners._quant import (
@@ -45,6 +44,7 @@ from torchpocket.learners._quant import (
     quant_layers,
 )
 from torchpocket.learners.base import Learner
+from torchpocket.space import Policy, SearchSpace
 
 ARCH_VERSION = 1
 CODEBOOK_FORMAT = "torchpocket-codebook"

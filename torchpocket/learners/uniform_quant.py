@@ -34,7 +34,6 @@ from torch import Tensor, fx, nn
 
 from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
-from torchpocket.hpo.space import Policy, SearchSpace
 from torchpocket.learners import register_learner
 from torchpocket.learners._layers import layer_macs
 from torchpocket.learners._quant import (
@@ -53,6 +52,7 @@ from torchpocket.learners._quant import (
     trace,
 )
 from torchpocket.learners.base import Learner
+from torchpocket.space import Policy, SearchSpace
 
 ARCH_VERSION = 1
 
@@ -80,7 +80,6 @@ class UniformQuantLearner(Learner):
     Config = QuantConfig
     section = "quant"
     policy_name = "bits"
-    int8_export = True  # the pipeline writes model.int8.onnx for models whose weights are all <= 8 bits
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -162,8 +161,19 @@ class UniformQuantLearner(Learner):
         """The fp32 network for ``model.onnx``: quantized weights as floats, no activation quantization."""
         return float_model(model)
 
+    def deploy(self, model: nn.Module, fp32_onnx: Any, data: Any, run_dir: Any, *,
+               repeats: int = 20) -> dict[str, Any]:
+        """``model.int8.onnx`` beside ``model.onnx`` when every weight has at most 8 bits (summary key ``int8``)."""
+        from torchpocket.export import int8_summary
+
+        bits = [int(m.qbits) for m in model.modules() if hasattr(m, "qbits")]
+        if not act_quantizers(model) or not bits or max(bits) > 8:
+            return {"int8": {"skipped": "the int8 model needs weights of at most 8 bits and activation quantizers "
+                                        "(--act-bits > 0)"}}
+        return {"int8": int8_summary(model, fp32_onnx, data, run_dir, repeats=repeats)}
+
     def export(self, model: nn.Module, run_dir: Any, example: Tensor) -> dict[str, Any]:
-        """Bits per layer and average weight bits for summary.json (the int8 ONNX is the pipeline's)."""
+        """Bits per layer and average weight bits for summary.json (the int8 ONNX comes from :meth:`deploy`)."""
         layers = {n: int(m.qbits) for n, m in model.named_modules() if hasattr(m, "qbits")}
         sizes = {n: int(m.weight.numel()) for n, m in model.named_modules() if hasattr(m, "qbits")}
         total = sum(sizes.values())

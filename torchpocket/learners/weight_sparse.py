@@ -47,12 +47,12 @@ from torch import Tensor, nn
 from torchpocket.config import opt, register_section
 from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
-from torchpocket.hpo.space import Budget, LayerSpec, Policy, SearchSpace
 from torchpocket.learners import register_learner
 from torchpocket.learners._layers import layer_kind, layer_macs
 from torchpocket.learners._layers import weight_layers as prunable_layers
 from torchpocket.learners.base import Learner
 from torchpocket.learners.training import fit
+from torchpocket.space import Budget, LayerSpec, Policy, SearchSpace
 
 MASK_ATTR = "_torchpocket_ws"  # {"density": {layer: float}, "masks": {layer: bool Tensor}} on the sparse module
 SPARSE_FORMAT = "torchpocket-sparse"

@@ -1,4 +1,5 @@
-"""The search space every optimizer sees, and the Budget every proposal passes through.
+"""The neutral ground of learners and optimizers: the search space every optimizer sees, and the Budget
+every proposal passes through (neither family imports the other; both import this module).
 
 A learner describes its compressible layers (:class:`LayerSpec`, AMC's static
 layer features plus action bounds) and supplies a cost function over whole

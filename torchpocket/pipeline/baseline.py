@@ -1,0 +1,139 @@
+"""The model a run starts from and the data it runs on: ``--init``, else the shipped checkpoint under
+``benchmarks/``, else a cached baseline, else one trained now (and cached); ``--learner full-prec`` trains
+(or continues) a model and stops there."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from torchpocket import distributed
+from torchpocket.datasets import DATASETS, DataBundle, load_dataset
+from torchpocket.errors import UserError
+from torchpocket.learners.training import TrainConfig, evaluate, fit
+from torchpocket.pipeline.rundir import RunDir
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHIPPED_DIR = REPO_ROOT / "benchmarks"
+
+
+def load_data(cfg: dict[str, Any]) -> DataBundle:
+    """The run's dataset (train / val / test), with the data options the dataset's loader accepts."""
+    d, run = cfg["data"], cfg["run"]
+    kw: dict[str, Any] = {"data_dir": d["data_dir"], "seed": 0}
+    if d["val_size"] >= 0:
+        kw["val_size"] = d["val_size"]
+    accepts = inspect.signature(DATASETS.get(run["dataset"])).parameters
+    if "num_workers" in accepts:  # on-disk datasets decode in worker processes
+        kw["num_workers"] = d["num_workers"]
+    data = load_dataset(run["dataset"], **kw)
+    print(data.sizes(), flush=True)
+    return data
+
+
+def train_config(cfg: dict[str, Any]) -> TrainConfig:
+    return TrainConfig(**cfg["train"])
+
+
+def baseline_cache_path(cfg: dict[str, Any]) -> Path:
+    run = cfg["run"]
+    key = json.dumps({"net": run["net"], "dataset": run["dataset"], "seed": run["seed"], "train": cfg["train"],
+                      "val_size": cfg["data"]["val_size"]}, sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    root = Path(os.environ.get("TORCHPOCKET_CACHE", Path.home() / ".cache" / "torchpocket")) / "baselines"
+    return root / f"{run['net'].replace(':', '-')}-{run['dataset']}-s{run['seed']}-{digest}.pt"
+
+
+def shipped_baseline(net: str, dataset: str) -> Path | None:
+    p = SHIPPED_DIR / f"{net.replace(':', '-')}-{dataset}.pt"
+    return p if p.is_file() else None
+
+
+def resolve_baseline(cfg: dict[str, Any], data: DataBundle, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """The model a compression run starts from: --init, else the shipped checkpoint, else a cached or new baseline."""
+    from torchpocket.api import arch_chain, load, save_model
+    from torchpocket.learners.training import load_checkpoint
+    from torchpocket.nets import create_net
+
+    run = cfg["run"]
+    if run["init"]:
+        ckpt = load_checkpoint(run["init"])
+        check_compatible(ckpt, data, run["init"])
+        model = load(run["init"])
+        run["net"] = ckpt.get("net") or run["net"]
+        print(f"starting from {run['init']} (net {run['net']}, learner {ckpt.get('learner')})", flush=True)
+        return model, {"source": str(run["init"]), "base_arch": arch_chain(ckpt)}
+    shipped = shipped_baseline(run["net"], run["dataset"])
+    if shipped is not None:
+        ckpt = load_checkpoint(shipped)
+        check_compatible(ckpt, data, str(shipped))
+        print(f"starting from the shipped baseline {shipped.relative_to(REPO_ROOT)}", flush=True)
+        return load(shipped), {"source": str(shipped), "base_arch": []}
+    cache = baseline_cache_path(cfg)
+    if cache.is_file():
+        print(f"starting from the cached baseline {cache}", flush=True)
+        return load(cache), {"source": str(cache), "base_arch": []}
+    tc = train_config(cfg)
+    print(f"no --init and no shipped baseline for {run['net']} on {run['dataset']}: training one for "
+          f"{tc.epochs} epochs (cached at {cache})", flush=True)
+    model = create_net(run["net"], in_channels=data.in_channels, num_classes=data.num_classes).to(device)
+    fit(model, data.loader("train", batch_size=tc.batch_size, train=True, seed=run["seed"]),
+        data.loader("val", batch_size=512), cfg=tc, device=device, quiet=run["quiet"], desc="baseline")
+    model.to(memory_format=torch.contiguous_format)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    save_model(cache, model, config=cfg, net=run["net"], in_channels=data.in_channels,
+               num_classes=data.num_classes, image_size=data.image_size)
+    return model, {"source": str(cache), "base_arch": []}
+
+
+def check_compatible(ckpt: dict[str, Any], data: DataBundle, path: str) -> None:
+    if ckpt.get("in_channels") != data.in_channels or ckpt.get("num_classes") != data.num_classes:
+        raise UserError(
+            f"checkpoint {path} takes {ckpt.get('in_channels')}-channel input with {ckpt.get('num_classes')} classes, "
+            f"but {data.name} has {data.in_channels} channels and {data.num_classes} classes"
+        )
+
+
+def train_baseline(learner: Any, cfg: dict[str, Any], data: DataBundle, run_dir: RunDir,
+                    device: torch.device) -> dict[str, Any]:
+    """``--learner full-prec``: train (or continue from --init) and write model.pt + summary.json."""
+    from torchpocket.api import arch_chain, load, save_model
+    from torchpocket.learners.training import load_checkpoint
+    from torchpocket.nets import create_net
+
+    run, tc = cfg["run"], train_config(cfg)
+    base_arch: list[dict[str, Any]] = []
+    if run["init"]:  # continue training any checkpoint, a compressed one included
+        ckpt = load_checkpoint(run["init"])
+        check_compatible(ckpt, data, run["init"])
+        base_arch = arch_chain(ckpt)
+        model = load(run["init"])
+    else:
+        model = create_net(run["net"], in_channels=data.in_channels, num_classes=data.num_classes)
+    model.to(device)
+    start = time.perf_counter()
+    train_loader = data.loader("train", batch_size=distributed.per_rank_batch(tc.batch_size), train=True,
+                               seed=run["seed"], rank=distributed.rank(), world_size=distributed.world_size())
+    history = fit(model, train_loader, data.loader("val", batch_size=512), cfg=tc, device=device, quiet=run["quiet"])
+    seconds = time.perf_counter() - start
+    model.to(memory_format=torch.contiguous_format)
+    test_acc = evaluate(model, data.loader("test", batch_size=512), device=device)
+    metrics = {"test_acc": test_acc, "val_acc": history[-1]["val_acc"] if history else None,
+               "train_seconds": seconds, "history": history}
+    save_model(run_dir.path / "model.pt", model.cpu(), config=cfg, net=run["net"], in_channels=data.in_channels,
+               num_classes=data.num_classes, image_size=data.image_size, metrics={"test_acc": test_acc},
+               base_arch=base_arch)
+    run_dir.write_json("metrics.json", metrics)
+    summary = {"learner": "full-prec", "net": run["net"], "dataset": run["dataset"], "test_acc": test_acc,
+               "epochs": tc.epochs, "train_seconds": seconds}
+    run_dir.write_json("summary.json", summary)
+    print(f"test acc {test_acc:.2f}%  |  model {run_dir.path / 'model.pt'}", flush=True)
+    return summary
