@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, ClassVar
-
-import optuna
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torchpocket.errors import UserError
 from torchpocket.hpo import register_hpo
 from torchpocket.hpo.base import Optimizer
 from torchpocket.hpo.gp import one_blas_thread
 from torchpocket.space import Policy, SearchSpace
+
+if TYPE_CHECKING:
+    import optuna
 
 DEFAULT_STUDY_NAME = "torchpocket"
 
@@ -37,6 +38,8 @@ class OptunaOptimizer(Optimizer):
 
     def __init__(self, space: SearchSpace, **kw: Any) -> None:
         super().__init__(space, **kw)
+        import optuna  # imported on use: ``--help`` and the other optimizers need not load it
+
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = self._open_study()
         self.journal: list[list[Any]] = []  # [] for an ask, [trial number, value or None] for a tell
@@ -48,6 +51,8 @@ class OptunaOptimizer(Optimizer):
         raise NotImplementedError
 
     def _open_study(self) -> optuna.Study:
+        import optuna
+
         sampler = self.make_sampler()
         if self.storage is None:
             study = optuna.create_study(sampler=sampler, direction="maximize", study_name=self.study_name)
@@ -83,7 +88,9 @@ class OptunaOptimizer(Optimizer):
         if trial is not None and policy is not None and self.storage is not None:
             trial.set_user_attr("policy", [float(v) for v in policy])  # the projected policy that was scored
         if value is None:
-            self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+            from optuna.trial import TrialState
+
+            self.study.tell(number, state=TrialState.FAIL)
         else:
             self.study.tell(number, value)
 
@@ -157,7 +164,9 @@ class TPEOptimizer(OptunaOptimizer):
     """Tree-structured Parzen estimator (Optuna TPESampler); --storage lets workers share one study"""
 
     def make_sampler(self) -> optuna.samplers.BaseSampler:
-        return optuna.samplers.TPESampler(seed=self.seed)
+        from optuna.samplers import TPESampler
+
+        return TPESampler(seed=self.seed)
 
 
 def population_size(total_trials: int) -> int:
@@ -170,24 +179,23 @@ class EvolutionOptimizer(OptunaOptimizer):
     """Evolutionary search (Optuna NSGAIISampler), population scaled to the number of trials"""
 
     def make_sampler(self) -> optuna.samplers.BaseSampler:
-        return optuna.samplers.NSGAIISampler(seed=self.seed, population_size=population_size(self.total_trials))
+        from optuna.samplers import NSGAIISampler
+
+        return NSGAIISampler(seed=self.seed, population_size=population_size(self.total_trials))
 
 
-def _gp_sampler_available() -> bool:
-    try:
-        from optuna.samplers import GPSampler  # noqa: F401
-    except ImportError:
-        return False
-    return True
+@register_hpo("optuna-gp")
+class OptunaGPOptimizer(OptunaOptimizer):
+    """Gaussian-process Bayesian optimisation (Optuna GPSampler); --storage lets workers share one study"""
 
+    def make_sampler(self) -> optuna.samplers.BaseSampler:
+        import optuna
 
-if _gp_sampler_available():
-
-    @register_hpo("optuna-gp")
-    class OptunaGPOptimizer(OptunaOptimizer):
-        """Gaussian-process Bayesian optimisation (Optuna GPSampler); --storage lets workers share one study"""
-
-        def make_sampler(self) -> optuna.samplers.BaseSampler:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.samplers.GPSampler(seed=self.seed)
+        try:
+            from optuna.samplers import GPSampler
+        except ImportError:
+            raise UserError(f"--hpo optuna-gp needs Optuna's GPSampler (optuna >= 3.6), this is optuna "
+                            f"{optuna.__version__}: pip install -U optuna") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return GPSampler(seed=self.seed)

@@ -22,6 +22,7 @@ Torch-Pruning's pruning functions, on a candidate or on a freshly built network.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import statistics
 import time
@@ -31,9 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
-from torch_pruning.pruner import function as tpf
 
 from torchpocket.errors import UserError
 
@@ -46,19 +45,31 @@ HANDLER_NAMES = (
     "prune_linear_out_channels",
     "prune_linear_in_channels",
 )
-HANDLERS: dict[str, Callable[[nn.Module, Sequence[int]], nn.Module]] = {n: getattr(tpf, n) for n in HANDLER_NAMES}
+
+
+@functools.lru_cache(maxsize=1)
+def handlers() -> dict[str, Callable[[nn.Module, Sequence[int]], nn.Module]]:
+    """Torch-Pruning's pruning functions by name (imported on first use: ``--help`` need not load it)."""
+    from torch_pruning.pruner import function as tpf
+
+    return {n: getattr(tpf, n) for n in HANDLER_NAMES}
+
 _IN_HANDLERS = ("prune_conv_in_channels", "prune_linear_in_channels")
 _PRODUCER_HANDLERS = ("prune_conv_out_channels", "prune_linear_out_channels")
 
-_PASS_THROUGH = {tp.ops.OPTYPE.ELEMENTWISE, tp.ops.OPTYPE.CONCAT, tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.RESHAPE,
-                 tp.ops.OPTYPE.SLICE, tp.ops.OPTYPE.UNBIND, tp.ops.OPTYPE.EXPAND}
+def _pass_through() -> set[Any]:
+    """Dependency-graph node types that carry channels through unchanged."""
+    import torch_pruning as tp
+
+    t = tp.ops.OPTYPE
+    return {t.ELEMENTWISE, t.CONCAT, t.SPLIT, t.RESHAPE, t.SLICE, t.UNBIND, t.EXPAND}
 
 Op = tuple[str, str, list[int]]  # (module name, handler name, removed indices)
 
 
 def handler_name(fn: Callable) -> str | None:
     """The public Torch-Pruning name of a dependency's pruning function (None: not one we replay)."""
-    for name, h in HANDLERS.items():
+    for name, h in handlers().items():
         if fn == h:
             return name
     return None
@@ -195,9 +206,11 @@ def _union_find(n: int) -> tuple[list[int], Callable[[int], int], Callable[[int,
     return parent, find, union
 
 
-def _analyse_group(graph: tp.DependencyGraph, module: nn.Module, names: dict[nn.Module, str],
+def _analyse_group(graph: Any, module: nn.Module, names: dict[nn.Module, str],
                    layers: dict[str, LayerGeom]) -> ChannelGroup | str:
     """The group rooted at ``module``'s input channels, or the reason it cannot be pruned."""
+    import torch_pruning as tp
+
     root = names[module]
     in_fn = tp.prune_conv_in_channels if isinstance(module, nn.Conv2d) else tp.prune_linear_in_channels
     n_in = layers[root].in0
@@ -216,7 +229,7 @@ def _analyse_group(graph: tp.DependencyGraph, module: nn.Module, names: dict[nn.
                 first[i] = r
         if node.type == tp.ops.OPTYPE.OUTPUT:
             return "its channels reach the model's output"
-        if node.type in _PASS_THROUGH:
+        if node.type in _pass_through():
             if node.type == tp.ops.OPTYPE.ELEMENTWISE and len(node.inputs) >= 2:
                 coupled = True
             continue
@@ -288,6 +301,8 @@ def find_channel_groups(model: nn.Module, example: Tensor, *, coupled: str = "sk
     example = example[:1].detach().cpu()
     layers, total_flops = _layer_geometry(net, example)
     names = {m: n for n, m in net.named_modules()}
+    import torch_pruning as tp
+
     try:
         with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(net, example_inputs=example, verbose=False)
@@ -764,7 +779,7 @@ def apply_ops(model: nn.Module, ops: Sequence[Sequence[Any]]) -> nn.Module:
         if len(op) != 3:
             raise UserError(f"malformed channel-pruning operation {op!r}: expected (module, function, indices)")
         name, hname, idxs = op
-        if hname not in HANDLERS:
+        if hname not in HANDLER_NAMES:
             raise UserError(f"unknown pruning function {hname!r} in a checkpoint; expected one of "
                             f"{', '.join(HANDLER_NAMES)}")
         try:
@@ -776,7 +791,7 @@ def apply_ops(model: nn.Module, ops: Sequence[Sequence[Any]]) -> nn.Module:
         if size is None or any(not 0 <= i < size for i in idxs) or len(set(idxs)) >= size:
             raise UserError(f"the recorded pruning of {name!r} ({hname}, {len(idxs)} indices) does not fit its "
                             f"{type(module).__name__} layer of {size} channels")
-        HANDLERS[hname](module, idxs)
+        handlers()[hname](module, idxs)
     return model
 
 
