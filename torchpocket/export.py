@@ -10,10 +10,9 @@ folds eval-mode BatchNorm into constants, honours ``opset`` and marks the batch 
 
 from __future__ import annotations
 
+import functools
 import os
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from torchpocket.profile import _eval_mode, example_input
+from torchpocket.utils import time_round_robin
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
@@ -147,14 +147,7 @@ def onnx_latency(path: str | os.PathLike, input_shape: tuple[int, ...], *, batch
     inp = sess.get_inputs()[0]
     dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
     feed = {inp.name: np.random.default_rng(0).standard_normal((batch_size, *input_shape)).astype(dtype)}
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return time_round_robin({0: lambda: sess.run(None, feed)}, warmup=warmup, repeats=repeats)[0]
 
 
 def file_size(path: str | os.PathLike) -> int:
@@ -297,20 +290,8 @@ def compare_onnx_latency(paths: dict[str, str | os.PathLike], input_shape: tuple
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     sessions = {k: _session(p, threads=threads) for k, p in paths.items()}
     feed = np.random.default_rng(0).standard_normal((batch_size, *input_shape)).astype(np.float32)
-    names = list(sessions)
-    for _ in range(warmup):
-        for k in names:
-            sessions[k].run(None, {sessions[k].get_inputs()[0].name: feed})
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(repeats):
-        shift = r % len(names)
-        for k in names[shift:] + names[:shift]:
-            s = sessions[k]
-            inp = {s.get_inputs()[0].name: feed}
-            start = time.perf_counter()
-            s.run(None, inp)
-            times[k].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    calls = {k: functools.partial(s.run, None, {s.get_inputs()[0].name: feed}) for k, s in sessions.items()}
+    return time_round_robin(calls, warmup=warmup, repeats=repeats)
 
 
 INT8_MIN_AGREEMENT = 0.99  # top-1 agreement of the exported integer model with the fake-quant model

@@ -9,8 +9,7 @@ papers (ResNet-20 on CIFAR: 40.8 M MACs).
 
 from __future__ import annotations
 
-import statistics
-import time
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -18,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from torchpocket.utils import time_round_robin
 
 
 @dataclass
@@ -181,17 +182,11 @@ def profile_model(model: nn.Module, input_shape: tuple[int, ...]) -> ModelProfil
                         bytes=p_bytes + b_bytes)
 
 
-def _sync(x: Tensor) -> None:
+def _syncer(x: Tensor) -> Callable[[], None] | None:
+    """What makes a timing honest on ``x``'s device: CUDA work is asynchronous, CPU work is not."""
     if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-
-
-def _time_once(model: nn.Module, x: Tensor) -> float:
-    _sync(x)
-    start = time.perf_counter()
-    model(x)
-    _sync(x)
-    return time.perf_counter() - start
+        return lambda: torch.cuda.synchronize(x.device)
+    return None
 
 
 def measure_latency(model: nn.Module, input_shape: tuple[int, ...], *, batch_size: int = 1,
@@ -216,19 +211,10 @@ def compare_latency(models: dict[str, nn.Module], input_shape: tuple[int, ...], 
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     if not models:
         return {}
-    names = list(models)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    with _num_threads(threads), torch.inference_mode():
-        inputs = {n: example_input(models[n], input_shape, batch_size=batch_size) for n in names}
-        with ExitStack() as stack:
-            for m in models.values():
-                stack.enter_context(_eval_mode(m))
-            for _ in range(warmup):
-                for n in names:
-                    models[n](inputs[n])
-            for r in range(repeats):
-                shift = r % len(names)
-                for n in names[shift:] + names[:shift]:
-                    times[n].append(_time_once(models[n], inputs[n]))
-    return {n: statistics.median(t) for n, t in times.items()}
+    with _num_threads(threads), torch.inference_mode(), ExitStack() as stack:
+        inputs = {n: example_input(m, input_shape, batch_size=batch_size) for n, m in models.items()}
+        for m in models.values():
+            stack.enter_context(_eval_mode(m))
+        calls = {n: functools.partial(models[n], inputs[n]) for n in models}
+        return time_round_robin(calls, warmup=warmup, repeats=repeats, sync=_syncer(next(iter(inputs.values()))))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 from torchpocket.errors import UserError
@@ -31,7 +32,9 @@ class Registry(Generic[T]):
     """A name -> object mapping with helpful errors.
 
     A duplicate name raises ``ValueError`` (a bug); an unknown name raises
-    :class:`UserError` listing the valid choices and the closest one.
+    :class:`UserError` listing the valid choices and the closest one. Tests that
+    register a plug-in of their own do it inside :meth:`restoring` (or call
+    :meth:`unregister`), so the rest of the session sees the registry unchanged.
     """
 
     def __init__(self, kind: str) -> None:
@@ -49,6 +52,30 @@ class Registry(Generic[T]):
             return obj
 
         return deco
+
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` and return what it held (a test's plug-in); an unknown name raises :class:`UserError`."""
+        obj = self.get(name)
+        del self._items[name]
+        self._docs.pop(name, None)
+        return obj
+
+    @contextmanager
+    def restoring(self) -> Iterator[Registry[T]]:
+        """Undo, on exit, every registration and removal made inside the block (a test's temporary plug-ins)::
+
+            with LEARNERS.restoring():
+                import my_plugin  # its @register_learner runs here ...
+                ...               # ... and the name is gone again after the block
+        """
+        items, docs = dict(self._items), dict(self._docs)
+        try:
+            yield self
+        finally:
+            self._items.clear()
+            self._items.update(items)
+            self._docs.clear()
+            self._docs.update(docs)
 
     def get(self, name: str) -> T:
         if name in self._items:

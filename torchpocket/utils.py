@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import statistics
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TextIO, TypeVar
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 
 from torchpocket.errors import UserError
 
+K = TypeVar("K")
 T = TypeVar("T")
 
 
@@ -160,3 +162,31 @@ def machine_description() -> str:
         pass
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}"
+
+
+def time_round_robin(calls: Mapping[K, Callable[[], Any]], *, warmup: int, repeats: int,
+                     sync: Callable[[], None] | None = None) -> dict[K, float]:
+    """Median seconds per call of each zero-argument callable, timed round-robin in one process.
+
+    Every repeat times each callable once and the order rotates from repeat to repeat, so a slow patch
+    on a shared machine slows all of them alike and the ratios between the medians stay fair. ``sync``
+    (e.g. ``torch.cuda.synchronize``) runs before and after each timed call.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    names = list(calls)
+    for _ in range(warmup):
+        for k in names:
+            calls[k]()
+    times: dict[K, list[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        shift = r % len(names) if names else 0
+        for k in names[shift:] + names[:shift]:
+            if sync is not None:
+                sync()
+            start = time.perf_counter()
+            calls[k]()
+            if sync is not None:
+                sync()
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(t) for k, t in times.items()}

@@ -115,3 +115,57 @@ class Optimizer(ABC):
         """The told policy with the highest reward (NaN rewards, from failed candidates, and probes never win)."""
         scored = [pr for pr in self.history if not math.isnan(pr[1])]
         return max(scored, key=lambda pr: pr[1]) if scored else None
+
+
+class JournalOptimizer(Optimizer):
+    """An optimizer over an engine that cannot be saved (a skopt model, an in-memory Optuna study): it keeps a
+    journal of its asks (``[]``) and tells (``[key, value]``), and resume replays the journal, in order, into a
+    fresh engine with the same seed, which then makes the same proposals again.
+
+    Subclasses implement :meth:`new_engine`, :meth:`replay_ask` and :meth:`replay_tell`, and call
+    :meth:`record_ask` / :meth:`record_tell` as they go.
+    """
+
+    def __init__(self, space: SearchSpace, **kw: Any) -> None:
+        super().__init__(space, **kw)
+        self.journal: list[list[Any]] = []
+
+    def new_engine(self) -> None:
+        """Replace the engine by a fresh one (same seed, nothing asked)."""
+        raise NotImplementedError
+
+    def replay_ask(self) -> None:
+        raise NotImplementedError
+
+    def replay_tell(self, entry: list[Any]) -> None:
+        raise NotImplementedError
+
+    def record_ask(self) -> None:
+        self.journal.append([])
+
+    def record_tell(self, key: Any, value: Any) -> None:
+        self.journal.append([key, value])
+
+    def journal_state(self) -> dict[str, Any]:
+        return {"history": [[list(p), r] for p, r in self.history], "n_layers": len(self.space),
+                "journal": [list(e) for e in self.journal], "seeded": self.seeded}
+
+    def check_layers(self, state: dict[str, Any]) -> None:
+        from torchpocket.errors import UserError
+
+        if int(state["n_layers"]) != len(self.space):
+            raise UserError(f"the optimizer state is for {int(state['n_layers'])} layers, this model has "
+                            f"{len(self.space)}: resume with the same model and learner")
+
+    def replay(self, state: dict[str, Any], *, engine: bool = True) -> None:
+        """Rebuild from ``journal_state()``; ``engine=False``: the engine holds the trials already (a database)."""
+        if engine:
+            self.new_engine()
+            for entry in state["journal"]:
+                if entry:
+                    self.replay_tell(list(entry))
+                else:
+                    self.replay_ask()
+        self.journal = [list(e) for e in state["journal"]]
+        self.history = [(list(p), float(r)) for p, r in state["history"]]
+        self.seeded = bool(state.get("seeded", bool(self.journal)))

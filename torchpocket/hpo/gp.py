@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from torchpocket.config import opt, register_section
 from torchpocket.errors import UserError
 from torchpocket.hpo import register_hpo
-from torchpocket.hpo.base import Optimizer
+from torchpocket.hpo.base import JournalOptimizer
 from torchpocket.space import Policy, SearchSpace
 
 
@@ -61,7 +61,7 @@ def one_blas_thread() -> Iterator[None]:
 
 
 @register_hpo("gp")
-class GPOptimizer(Optimizer):
+class GPOptimizer(JournalOptimizer):
     """Gaussian-process Bayesian optimisation (scikit-optimize), proposals projected onto the budget"""
 
     parallel: ClassVar[bool] = False
@@ -84,7 +84,6 @@ class GPOptimizer(Optimizer):
         self.n_initial_points = n0 if n0 > 0 else initial_points(self.total_trials)
         self._skopt = skopt
         self.opt = self._new_skopt()
-        self.journal: list[list[Any]] = []  # [] for an ask, [x, y] for a tell: replayed on resume
         self.pending: list[tuple[Policy, list[float]]] = []  # (projected policy, skopt's point)
 
     def _new_skopt(self) -> Any:
@@ -115,7 +114,7 @@ class GPOptimizer(Optimizer):
             return policy
         self.last_kind = "search"
         x = self._ask_x()
-        self.journal.append([])
+        self.record_ask()
         full = [float(v) for v in self.space.lows]
         for i, v in zip(self.free, x):
             full[i] = v
@@ -131,27 +130,26 @@ class GPOptimizer(Optimizer):
         _, x = item
         y = -float(reward) if math.isfinite(reward) else self._worst()
         self._tell_x(x, y)
-        self.journal.append([x, y])
+        self.record_tell(x, y)
 
     def _worst(self) -> float:
         ys = [e[1] for e in self.journal if e]
         return max(ys) + 1.0 if ys else 0.0
 
+    # -- resume: replay the journal into a fresh skopt.Optimizer ----------------------------------------
+    def new_engine(self) -> None:
+        self.opt = self._new_skopt()
+
+    def replay_ask(self) -> None:
+        self._ask_x()
+
+    def replay_tell(self, entry: list[Any]) -> None:
+        self._tell_x([float(v) for v in entry[0]], float(entry[1]))
+
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [[list(p), r] for p, r in self.history], "n_layers": len(self.space),
-                "journal": [list(e) for e in self.journal], "seeded": self.seeded,
-                "pending": [[list(p), list(x)] for p, x in self.pending]}
+        return {**self.journal_state(), "pending": [[list(p), list(x)] for p, x in self.pending]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if int(state["n_layers"]) != len(self.space):
-            raise UserError(f"the gp state is for {int(state['n_layers'])} layers, this model has {len(self.space)}")
-        self.opt = self._new_skopt()
-        for entry in state["journal"]:
-            if entry:
-                self._tell_x([float(v) for v in entry[0]], float(entry[1]))
-            else:
-                self._ask_x()
-        self.journal = [list(e) for e in state["journal"]]
+        self.check_layers(state)
+        self.replay(state)
         self.pending = [([float(v) for v in p], [float(v) for v in x]) for p, x in state["pending"]]
-        self.history = [(list(p), float(r)) for p, r in state["history"]]
-        self.seeded = bool(state.get("seeded", bool(self.journal)))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torchpocket.errors import UserError
 from torchpocket.hpo import register_hpo
-from torchpocket.hpo.base import Optimizer
+from torchpocket.hpo.base import JournalOptimizer
 from torchpocket.hpo.gp import one_blas_thread
 from torchpocket.space import Policy, SearchSpace
 
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 DEFAULT_STUDY_NAME = "torchpocket"
 
 
-class OptunaOptimizer(Optimizer):
+class OptunaOptimizer(JournalOptimizer):
     """Base of the Optuna optimizers: an Optuna study driven by ask / tell; subclasses pick the sampler."""
 
     parallel: ClassVar[bool] = True
@@ -42,7 +42,6 @@ class OptunaOptimizer(Optimizer):
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = self._open_study()
-        self.journal: list[list[Any]] = []  # [] for an ask, [trial number, value or None] for a tell
         self.pending: list[tuple[Policy, int]] = []  # (projected policy, trial number), oldest first
         self._live: dict[int, optuna.trial.Trial] = {}  # asked, not yet told: for user attributes
         self.last_number = -1  # study-wide number of the latest ask (unique across workers sharing a storage)
@@ -96,7 +95,7 @@ class OptunaOptimizer(Optimizer):
 
     def ask(self) -> Policy:
         policy, number = self._ask_trial()
-        self.journal.append([])
+        self.record_ask()
         self.pending.append((policy, number))
         return policy
 
@@ -108,7 +107,7 @@ class OptunaOptimizer(Optimizer):
         projected, number = item
         value = float(reward) if math.isfinite(reward) else None
         self._tell_trial(number, value, projected)
-        self.journal.append([number, value])
+        self.record_tell(number, value)
 
     # -- parallel workers sharing one storage ------------------------------------------------------
     def annotate(self, **attrs: Any) -> None:
@@ -127,36 +126,34 @@ class OptunaOptimizer(Optimizer):
         if trial is not None and self.storage is not None:
             trial.set_user_attr("abandoned", reason)
         self._tell_trial(item[1], None)
-        self.journal.append([item[1], None])
+        self.record_tell(item[1], None)
 
     def shared_trials(self) -> list[dict[str, Any]]:
         """Every trial of the study (all workers), oldest first: number, state, value and user attributes."""
         return [{"number": t.number, "state": t.state.name, "value": t.value, **t.user_attrs}
                 for t in self.study.get_trials(deepcopy=False)]
 
+    # -- resume: reattach to the storage, or replay the journal into a fresh in-memory study -----------
+    def new_engine(self) -> None:
+        self.study = self._open_study()
+
+    def replay_ask(self) -> None:
+        self._ask_trial()
+
+    def replay_tell(self, entry: list[Any]) -> None:
+        self._tell_trial(int(entry[0]), None if entry[1] is None else float(entry[1]))
+
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [[list(p), r] for p, r in self.history], "n_layers": len(self.space),
-                "storage": self.storage, "study_name": self.study.study_name,
-                "journal": [list(e) for e in self.journal],
+        return {**self.journal_state(), "storage": self.storage, "study_name": self.study.study_name,
                 "pending": [[list(p), n] for p, n in self.pending]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if int(state["n_layers"]) != len(self.space):
-            raise UserError(f"the optimizer state is for {int(state['n_layers'])} layers, this model has "
-                            f"{len(self.space)}: resume with the same model and learner")
-        if self.storage is None:
-            if state.get("storage") is not None:
-                raise UserError(f"this search kept its study in {state['storage']!r}: resume with --storage")
-            self.study = self._open_study()  # in memory: replay every ask and tell, in order
-            for entry in state["journal"]:
-                if entry:
-                    self._tell_trial(int(entry[0]), None if entry[1] is None else float(entry[1]))
-                else:
-                    self._ask_trial()
+        self.check_layers(state)
+        if self.storage is None and state.get("storage") is not None:
+            raise UserError(f"this search kept its study in {state['storage']!r}: resume with --storage")
         # with storage the trials are already in the database: the study opened in __init__ holds them
-        self.journal = [list(e) for e in state["journal"]]
+        self.replay(state, engine=self.storage is None)
         self.pending = [([float(v) for v in p], int(n)) for p, n in state["pending"]]
-        self.history = [(list(p), float(r)) for p, r in state["history"]]
 
 
 @register_hpo("tpe")

@@ -39,9 +39,10 @@ class Learner(ABC):
     :meth:`compress`. Hooks with defaults: :meth:`prepare`, :meth:`after_step`
     (enforce masks / ranges after each optimizer step), :meth:`arch_state` /
     :meth:`rebuild` (for learners that change the architecture), :meth:`export`,
-    :meth:`onnx_float_model`, :meth:`deploy` (files built from ``model.onnx``) and
-    :meth:`summary_fields`; its own option checks live on its ``Config``
-    (a ``check(cfg)`` classmethod, run by ``config.validate``).
+    :meth:`onnx_float_model`, :meth:`deploy` (files built from ``model.onnx``),
+    :meth:`summary_fields` and :meth:`quick_options` (options for tests and smoke runs);
+    its own option checks live on its ``Config`` (a ``check(cfg)`` classmethod, run by
+    ``config.validate``).
     """
 
     Config: ClassVar[type | None] = None
@@ -77,6 +78,15 @@ class Learner(ABC):
         """A new compressed module following ``policy``; ``model`` is not modified."""
 
     # -- hooks -------------------------------------------------------------------------------
+    @classmethod
+    def quick_options(cls) -> dict[str, Any]:
+        """Overrides of ``Config`` fields that make this learner fast on tiny data (tests, smoke runs).
+
+        Short calibration, few optimisation steps: the contract stays the same, only the
+        quality of each candidate drops. ``dataclasses.replace(cls.Config(), **cls.quick_options())``.
+        """
+        return {}
+
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimizer step during fine-tuning / re-training (masks, clamps)."""
 

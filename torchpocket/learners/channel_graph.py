@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from torchpocket.errors import UserError
+from torchpocket.utils import time_round_robin
 
 #: the Torch-Pruning functions a recorded operation may name (anything else is refused on replay)
 HANDLER_NAMES = (
@@ -645,28 +645,13 @@ def _fresh_layer(src: nn.Module, kind: str, cin: int, cout: int, extras: list[nn
     return nn.Sequential(*parts).to(device=p.device, dtype=p.dtype).eval()
 
 
-def _sync(x: Tensor) -> None:
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-
-
-def time_round_robin(cases: Sequence[tuple[nn.Module, Tensor]], *, warmup: int, repeats: int) -> list[float]:
-    """Median seconds per call of each (module, input), timed in rotating order so background load hits all alike."""
-    times: list[list[float]] = [[] for _ in cases]
-    n = len(cases)
+def time_cases(cases: Sequence[tuple[nn.Module, Tensor]], *, warmup: int, repeats: int) -> list[float]:
+    """Median seconds per call of each (module, input), timed round-robin (``utils.time_round_robin``)."""
+    sync = (lambda: torch.cuda.synchronize()) if any(x.device.type == "cuda" for _, x in cases) else None
     with torch.inference_mode():
-        for _ in range(warmup):
-            for m, x in cases:
-                m(x)
-        for r in range(repeats):
-            for i in [(r + j) % n for j in range(n)]:
-                m, x = cases[i]
-                _sync(x)
-                start = time.perf_counter()
-                m(x)
-                _sync(x)
-                times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+        times = time_round_robin({i: functools.partial(m, x) for i, (m, x) in enumerate(cases)}, warmup=warmup,
+                                 repeats=repeats, sync=sync)
+    return [times[i] for i in range(len(cases))]
 
 
 def isotonic(y: np.ndarray) -> np.ndarray:
@@ -756,13 +741,13 @@ def build_latency_model(model: nn.Module, example: Tensor, cost: CostModel, *, l
                 else:
                     shape = (batch, int(co) if kind == "dwconv" else int(ci), *in_shape[1:])
                 cases.append((layer, torch.randn(shape, generator=gen).to(device=device, dtype=dtype)))
-            table[i] = time_round_robin(cases, warmup=warmup, repeats=repeats)
+            table[i] = time_cases(cases, warmup=warmup, repeats=repeats)
             timings += len(cases)
         table = monotone_table(table)
         entries.append(LatencyEntry(name, k, calls, cin.astype(float), cout.astype(float), table,
                                     [n for n, m in net.named_modules() if any(m is e for e in extras)]))
     xb = torch.randn((batch, *example.shape[1:]), generator=gen).to(device=device, dtype=dtype)
-    (measured,) = time_round_robin([(net, xb)], warmup=warmup, repeats=repeats)
+    (measured,) = time_cases([(net, xb)], warmup=warmup, repeats=repeats)
     timed = sum(e.calls * float(e.table[-1, -1]) for e in entries)
     meta = {"batch": batch, "threads": torch.get_num_threads(), "device": str(torch.device(device)),
             "repeats": repeats, "points": points, "layers": len(entries), "timings": timings,

@@ -213,6 +213,11 @@ class ChnPrunedLearner(Learner):
         self._model: nn.Module | None = None  # the prepared (original) model, for the latency table
         self._latency: LatencyModel | None = None  # built on first use, then reused
 
+    @classmethod
+    def quick_options(cls) -> dict[str, Any]:
+        """Two calibration batches, a 3 x 3 latency table timed twice per width."""
+        return {"calib_batches": 2, "lut_repeats": 2, "lut_points": 3}
+
     # -- prepare: graph, costs and calibration, once --------------------------------------------
     def prepare(self, model: nn.Module, data: DataBundle) -> None:
         """Find the channel groups, build the exact cost model and extract calibration statistics."""

@@ -297,6 +297,11 @@ class DisChnPrunedLearner(ChnPrunedLearner):
         self.head_history: list[float] = []  # head training loss per step (diagnostics, tests)
         self.last_stats: dict[str, Any] = {}  # of the latest compress(): per group, the joint loss per layer step
 
+    @classmethod
+    def quick_options(cls) -> dict[str, Any]:
+        """A small image pool and a few head, selection and block steps (its ``Config`` is ``DcpConfig``)."""
+        return {"head_steps": 10, "block_steps": 2, "select_steps": 2, "samples": 96, "batch": 32, "lsq_batches": 1}
+
     # -- prepare: graph, stages, pool of images, heads ------------------------------------------
     def prepare(self, model: nn.Module, data: DataBundle) -> None:
         """Channel groups and cost model (as chn-pruned), stage outputs, the image pool, and the trained heads.

@@ -87,6 +87,11 @@ class UniformQuantLearner(Learner):
         self._calib: list[Tensor] = []
         self._macs: dict[str, int] = {}
 
+    @classmethod
+    def quick_options(cls) -> dict[str, Any]:
+        """Activation ranges calibrated on two batches."""
+        return {"calib_batches": 2}
+
     def prepare(self, model: nn.Module, data: DataBundle) -> None:
         """Keep ``--quant-calib-batches`` training batches (no augmentation) and count each layer's MACs."""
         super().prepare(model, data)
