@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from torchpocket.errors import UserError
-
-
-def opt(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None) -> Any:  # noqa: A002
-    """A config field with its command-line help (and optionally its flag name and choices)."""
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+from torchpocket.hpo import HPOS
+from torchpocket.learners import LEARNERS
+from torchpocket.learners.training import TrainConfig
+from torchpocket.options import opt
+from torchpocket.registry import Registry
 
 
 @dataclass
@@ -47,21 +47,54 @@ class DataConfig:
     num_workers: int = opt(4, "loader worker processes for on-disk datasets (ImageNet)")
 
 
-SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig}
+@dataclass
+class SearchConfig:
+    episodes: int = opt(-1, "candidates to evaluate (-1 = 30 for a search, 1 with --hpo none / uniform)")
+    ft_steps: int = opt(0, "fast fine-tuning steps per candidate, distilled from the original (0 = AMC: none)")
+    ft_lr: float = opt(0.01, "learning rate of fast fine-tuning")
+    reward: str = opt("acc", "acc: -error, resource-constrained | acc-flops / acc-params: -error*log(resource), "
+                      "accuracy-guaranteed (may go below the target)", choices=("acc", "acc-flops", "acc-params"))
+    reward_val_size: int = opt(2000, "validation images used to score each candidate (0 = the whole split)")
+    retrain_epochs: int = opt(1, "epochs of re-training (with distillation) for the best candidate")
+    retrain_lr: float = opt(0.01, "peak learning rate of the re-training (cosine-decayed; the baseline's is --lr)")
+    policy: str | None = opt(None, "policy.yaml to apply with --hpo none (per-layer values)")
+    storage: str | None = opt(None, "Optuna RDB URL (sqlite:///search.db, postgresql://...) shared by workers")
+    study_name: str | None = opt(None, "Optuna study name in --storage (default: derived from the run settings)")
+    final_only: bool = opt(False, "with --storage: no search, run the final stage on the best trial stored (when "
+                                  "the worker that drew the last trial died)")
+    worker_wait: float = opt(3600.0, "with --storage: seconds the worker that drew the last trial waits for the "
+                                     "other workers' trials before its final stage")
+    resume: str | None = opt(None, "run directory of a killed search: continue from its last finished trial")
+    export_onnx: bool = opt(True, "write model.onnx and check it against PyTorch with ONNX Runtime")
+    latency_repeats: int = opt(20, "repeats for the latency figures in summary.json (median)")
 
 
-def register_section(name: str, cls: type) -> None:
-    """Add a component's config dataclass (called by learners / optimizers / trainer at import)."""
-    if name in SECTIONS and SECTIONS[name] is not cls:
-        raise ValueError(f"duplicate config section {name!r}")
-    SECTIONS[name] = cls
+CORE_SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "train": TrainConfig, "search": SearchConfig}
+
+
+def plugin_sections(*registries: Registry) -> dict[str, type]:
+    """The config section of every registered class that declares one (``section`` + ``Config``).
+
+    Two classes may share a section only with the same dataclass (the two quantizers share ``quant``)."""
+    out: dict[str, type] = {}
+    for reg in registries:
+        for name in reg.names():
+            cls = reg.get(name)
+            section, config = getattr(cls, "section", None), getattr(cls, "Config", None)
+            if section is None or config is None:
+                continue
+            if section in CORE_SECTIONS or out.get(section, config) is not config:
+                raise ValueError(f"{reg.kind} {name!r} declares config section {section!r}, which another "
+                                 "component already uses with other options")
+            out[section] = config
+    return out
+
+
+#: every section of a config: the run's own, then the learners' and the optimizers' (from their registries)
+SECTIONS: dict[str, type] = {**CORE_SECTIONS, **plugin_sections(LEARNERS, HPOS)}
 
 
 def _all_sections() -> dict[str, type]:
-    import torchpocket.hpo  # noqa: F401  (register their sections)
-    import torchpocket.learners  # noqa: F401
-    import torchpocket.pipeline.search  # noqa: F401
-
     return SECTIONS
 
 
@@ -70,7 +103,11 @@ def default_config() -> dict[str, dict[str, Any]]:
 
 
 def flag_of(section: str, f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    """The field's command-line flag: its own, else ``--<name>`` (the run's sections) or ``--<section>-<name>``."""
+    if f.metadata.get("flag"):
+        return f.metadata["flag"]
+    name = f.name.replace("_", "-")
+    return f"--{name}" if section in CORE_SECTIONS else f"--{section}-{name}"
 
 
 def iter_fields() -> typing.Iterator[tuple[str, dataclasses.Field, Any]]:
@@ -160,8 +197,6 @@ def merge(base: dict[str, dict[str, Any]], override: dict[str, Any], source: str
 def validate(cfg: dict[str, dict[str, Any]]) -> None:
     """Cross-field checks and choices; registries check the names."""
     from torchpocket.datasets import DATASETS
-    from torchpocket.hpo import HPOS
-    from torchpocket.learners import LEARNERS
     from torchpocket.nets import check_net_name
 
     run = cfg["run"]

@@ -3,7 +3,9 @@
 (Optuna's ``pytest_samplers.py`` style.) Synthetic search spaces stand in for a
 learner: a chain of conv layers whose FLOPs are bilinear in neighbouring
 keep-ratios (pruning a layer's outputs also shrinks the next layer's inputs),
-and a bit-width space with integer steps and a linear cost.
+and a bit-width space with integer steps and a linear cost. The checks are plain
+functions (``check_*``) that the parametrised tests call for every registered
+optimizer, and ``tests/plugins/test_plugins.py`` for its toy optimizer.
 """
 
 from __future__ import annotations
@@ -109,24 +111,20 @@ def roundtrip(state: dict[str, Any]) -> dict[str, Any]:
     return torch.load(buf, weights_only=True)
 
 
-def test_suite_covers_the_registry() -> None:
-    assert {"random", "uniform", "ddpg", "gp", "tpe", "evolution", "sensitivity"} <= set(NAMES)
-    for name in ("random", "ddpg", "gp", "tpe", "evolution", "optuna-gp", "sensitivity"):
-        assert name not in HPOS or HPOS.get(name).seeds_uniform, name
-    assert HPOS.get("uniform").max_trials == 1 and HPOS.get("none").max_trials == 1
-    for name in NAMES:
-        cls = HPOS.get(name)
-        assert issubclass(cls, Optimizer)
-        assert HPOS.doc(name), f"{name} has no one-line docstring for --list"
-        assert cls.parallel == (name in ("tpe", "evolution", "optuna-gp"))
-        section = getattr(cls, "section", None)
-        if section is not None:  # how the pipeline finds an optimizer's own slice of the config
-            assert SECTIONS[section] is cls.Config and isinstance(cls.default_config(), cls.Config)
+# -- checks: plain functions, run for every registered optimizer below and for the toy plug-in in tests/plugins ---
 
 
-@pytest.mark.parametrize("kind", sorted(SPACES))
-@pytest.mark.parametrize("name", NAMES)
-def test_every_ask_meets_the_budget(name: str, kind: str) -> None:
+def check_declarations(name: str) -> None:
+    """An Optimizer with a one-line doc; its config section, when it has one, is registered."""
+    cls = HPOS.get(name)
+    assert issubclass(cls, Optimizer)
+    assert HPOS.doc(name), f"{name} has no one-line docstring for --list"
+    section = getattr(cls, "section", None)
+    if section is not None:  # how the pipeline finds an optimizer's own slice of the config
+        assert SECTIONS[section] is cls.Config and isinstance(cls.default_config(), cls.Config)
+
+
+def check_every_ask_meets_the_budget(name: str, kind: str) -> None:
     space = SPACES[kind]()
     b = space.budget
     opt = build(name, space, seed=3)
@@ -155,8 +153,7 @@ def test_every_ask_meets_the_budget(name: str, kind: str) -> None:
         assert kinds[0] == "uniform" and "uniform" not in kinds[1:]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_same_seed_same_asks(name: str) -> None:
+def check_same_seed_same_asks(name: str) -> None:
     space = flops_space()
     reward = reward_fn(target_policy(space, 0))
     runs = [drive(build(name, space, seed=7), reward, n_asks(name)) for _ in range(2)]
@@ -167,8 +164,7 @@ def test_same_seed_same_asks(name: str) -> None:
         assert drive(build(name, space, seed=8), reward, 2) != runs[0][:2]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_resume_continues_like_an_uninterrupted_run(name: str) -> None:
+def check_resume_continues_like_an_uninterrupted_run(name: str) -> None:
     space = flops_space()
     reward = reward_fn(target_policy(space, 1))
     k, m = n_asks(name) // 2, n_asks(name) - n_asks(name) // 2 - 1
@@ -195,8 +191,7 @@ def test_resume_continues_like_an_uninterrupted_run(name: str) -> None:
     assert resumed.best() == straight.best()
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_a_failed_candidate_does_not_break_the_search(name: str) -> None:
+def check_a_failed_candidate_does_not_break_the_search(name: str) -> None:
     space = flops_space()
     opt = build(name, space, seed=0, total=6)
     rewards = [float("nan"), 1.0, -float("inf"), 0.5, float("nan"), 2.0]
@@ -213,6 +208,60 @@ def test_a_failed_candidate_does_not_break_the_search(name: str) -> None:
     else:
         assert opt.best() is None
     assert len(drive(opt, lambda p: 0.0, 1)) == 1
+
+
+def check_layers_with_fixed_bounds_are_left_out_of_the_search(name: str) -> None:
+    base = flops_space()
+    layers = [dataclasses.replace(lay, low=1.0, high=1.0) if i in (0, 9) else lay for i, lay in enumerate(base.layers)]
+    b = base.budget
+    budget = Budget(cost_fn=b.cost_fn, full=b.full, target=0.5, lows=[lay.low for lay in layers],
+                    highs=[lay.high for lay in layers], layer_cost_fn=b.layer_cost_fn)
+    space = SearchSpace(layers, budget)
+    opt = build(name, space, seed=0, total=4)
+    for _ in range(3):
+        p = opt.ask()
+        assert p[0] == 1.0 and p[9] == 1.0, name
+        assert opt.last_kind == "probe" or budget.satisfied(p), name
+        opt.tell(p, -sum(p))
+
+
+# -- the suite, over every registered optimizer ------------------------------------------------------------------
+
+
+def test_suite_covers_the_registry() -> None:
+    assert {"random", "uniform", "ddpg", "gp", "tpe", "evolution", "sensitivity"} <= set(NAMES)
+    for name in ("random", "ddpg", "gp", "tpe", "evolution", "optuna-gp", "sensitivity"):
+        assert name not in HPOS or HPOS.get(name).seeds_uniform, name
+    assert HPOS.get("uniform").max_trials == 1 and HPOS.get("none").max_trials == 1
+    for name in NAMES:
+        check_declarations(name)
+        assert HPOS.get(name).parallel == (name in ("tpe", "evolution", "optuna-gp"))
+
+
+@pytest.mark.parametrize("kind", sorted(SPACES))
+@pytest.mark.parametrize("name", NAMES)
+def test_every_ask_meets_the_budget(name: str, kind: str) -> None:
+    check_every_ask_meets_the_budget(name, kind)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_same_seed_same_asks(name: str) -> None:
+    check_same_seed_same_asks(name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_continues_like_an_uninterrupted_run(name: str) -> None:
+    check_resume_continues_like_an_uninterrupted_run(name)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_failed_candidate_does_not_break_the_search(name: str) -> None:
+    check_a_failed_candidate_does_not_break_the_search(name)
+
+
+def test_layers_with_fixed_bounds_are_left_out_of_the_search() -> None:
+    for name in NAMES:
+        check_layers_with_fixed_bounds_are_left_out_of_the_search(name)
 
 
 # -- learning ---------------------------------------------------------------------------------------------------
@@ -238,9 +287,7 @@ def learning_curve(name: str, seed: int, n: int, config: Any) -> np.ndarray:
     return np.asarray([reward(p) for p in drive(opt, reward, n)])
 
 
-@pytest.mark.parametrize("name", LEARNING)
-def test_learns_better_than_random(name: str) -> None:
-    n, config = LEARN[name]
+def check_learns_better_than_random(name: str, n: int, config: Any = None) -> None:
     ours = np.stack([learning_curve(name, s, n, config) for s in SEEDS])
     rand = np.stack([learning_curve("random", s, n, None) for s in SEEDS])
     # where it ends: the best policy found, and the policies it proposes last
@@ -248,12 +295,16 @@ def test_learns_better_than_random(name: str) -> None:
     assert ours[:, -10:].mean() > rand[:, -10:].mean()
 
 
+@pytest.mark.parametrize("name", LEARNING)
+def test_learns_better_than_random(name: str) -> None:
+    check_learns_better_than_random(name, *LEARN[name])
+
+
 # -- shared studies (optimizers that declare parallel = True) ----------------------------------------------------
 PARALLEL = [n for n in NAMES if HPOS.get(n).parallel]
 
 
-@pytest.mark.parametrize("name", PARALLEL)
-def test_storage_is_shared_by_workers_and_reattached_on_resume(name: str, tmp_path: Any) -> None:
+def check_storage_is_shared_by_workers_and_reattached_on_resume(name: str, tmp_path: Any) -> None:
     space = flops_space()
     reward = reward_fn(target_policy(space, 2))
     url = f"sqlite:///{tmp_path / 'search.db'}"
@@ -277,6 +328,11 @@ def test_storage_is_shared_by_workers_and_reattached_on_resume(name: str, tmp_pa
     assert values == sorted(reward(p) for p, _ in a.history + resumed.history)
 
 
+@pytest.mark.parametrize("name", PARALLEL)
+def test_storage_is_shared_by_workers_and_reattached_on_resume(name: str, tmp_path: Any) -> None:
+    check_storage_is_shared_by_workers_and_reattached_on_resume(name, tmp_path)
+
+
 @pytest.mark.parametrize("url", ["sqlite:////no/such/folder/search.db", "nosuchdb://x", "not a url"])
 def test_bad_storage_is_one_clear_line(url: str) -> None:
     name = PARALLEL[0]
@@ -297,19 +353,3 @@ def test_gp_without_scikit_optimize_says_how_to_install(monkeypatch: pytest.Monk
     monkeypatch.setitem(sys.modules, "skopt", None)  # import skopt -> ImportError
     with pytest.raises(UserError, match=r"pip install 'torchpocket\[gp\]'"):
         build("gp", flops_space())
-
-
-def test_layers_with_fixed_bounds_are_left_out_of_the_search() -> None:
-    base = flops_space()
-    layers = [dataclasses.replace(lay, low=1.0, high=1.0) if i in (0, 9) else lay for i, lay in enumerate(base.layers)]
-    b = base.budget
-    budget = Budget(cost_fn=b.cost_fn, full=b.full, target=0.5, lows=[lay.low for lay in layers],
-                    highs=[lay.high for lay in layers], layer_cost_fn=b.layer_cost_fn)
-    space = SearchSpace(layers, budget)
-    for name in NAMES:
-        opt = build(name, space, seed=0, total=4)
-        for _ in range(3):
-            p = opt.ask()
-            assert p[0] == 1.0 and p[9] == 1.0, name
-            assert opt.last_kind == "probe" or budget.satisfied(p), name
-            opt.tell(p, -sum(p))

@@ -3,7 +3,16 @@
 Cases are (learner, net, target) over ``LEARNERS`` (searchable ones), a set of
 registry nets, torchvision nets and a network defined here (residual add,
 depthwise conv, ``torch.cat``), written only against the Learner contract:
-``prepare`` / ``search_space`` / ``compress`` / ``arch_state`` / ``rebuild``.
+``prepare`` / ``search_space`` / ``compress`` / ``finetune`` / ``retrain`` /
+``arch_state`` / ``rebuild``. Each learner is built with its own ``quick_options()``
+(short calibration, few steps) so the suite stays fast without knowing its internals.
+The checks are plain functions (``check_*``) that the parametrised tests call for every
+registered learner, and ``tests/plugins/test_plugins.py`` for its toy learner.
+
+After a few steps of ``finetune`` and one epoch of ``retrain`` (distilled) on the
+small nets, the candidate keeps its architecture (state_dict shapes), still measures
+what the Budget says (masks kept zeros, pruned channels stayed out), still honours
+its bit-widths, and its record still rebuilds it and reloads through ``torchpocket.load``.
 
 Expectations that depend on what a learner's Budget measures are keyed by its
 ``unit``: for ``flops`` / ``params`` the compressed model must physically shrink,
@@ -21,6 +30,7 @@ Budget counts something other than the physical model names it in ``SearchSpace.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,18 +46,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchpocket.api import load, save_model
 from torchpocket.datasets import DATASETS
 from torchpocket.errors import UnsupportedModel
-from torchpocket.learners import LEARNERS, create_learner
+from torchpocket.learners import LEARNERS, Learner, create_learner
 from torchpocket.learners._quant import weight_codes
-from torchpocket.learners.dis_chn_pruned import DcpConfig
 from torchpocket.learners.training import TrainConfig
 from torchpocket.nets import create_net
 
 IMAGE = (3, 16, 16)
-# options that keep a learner's per-candidate training short on the suite's tiny data (the contract is the same)
-QUICK: dict[str, dict[str, Any]] = {
-    "dis-chn-pruned": {"config": DcpConfig(head_steps=10, block_steps=2, select_steps=2, samples=96, batch=32,
-                                           lsq_batches=1)},
-}
 SMALL_NETS = ["resnet20", "plain20", "user"]  # at every target
 BIG_NETS = ["resnet56", "vgg16", "mobilenet_v1", "mobilenet_v2", "tv:resnet18", "tv:mobilenet_v2"]  # at BIG_TARGET
 TARGETS = (0.3, 0.5, 0.7)
@@ -168,16 +172,43 @@ def searchable_learners() -> list[str]:
 
 
 BITS_SCALE = 0.25  # a bits learner's targets: 8 bits (0.25 of fp32) is their ceiling, so 0.3 -> 2.4 bits average
+TRAIN_TARGET = 0.5  # the target of the fine-tune / re-train check (small nets only)
+
+
+def target_scale(learner: str) -> float:
+    return BITS_SCALE if getattr(LEARNERS.get(learner), "policy_name", "") == "bits" else 1.0
+
+
+def contract_cases(scale: float = 1.0) -> list[tuple[str, float]]:
+    """(net, target) of the contract check: every target on the small nets, BIG_TARGET on the big ones, each
+    times ``scale`` (a learner's :func:`target_scale`)."""
+    return [(net, t * scale) for net in SMALL_NETS + BIG_NETS
+            for t in (TARGETS if net in SMALL_NETS else (BIG_TARGET,))]
+
+
+def training_cases(scale: float = 1.0) -> list[tuple[str, float]]:
+    """(net, target) of the fine-tune / re-train check: the small nets at TRAIN_TARGET times ``scale``."""
+    return [(net, TRAIN_TARGET * scale) for net in SMALL_NETS]
 
 
 def cases() -> list[Any]:
-    out = []
-    for learner in searchable_learners():
-        scale = BITS_SCALE if getattr(LEARNERS.get(learner), "policy_name", "") == "bits" else 1.0
-        for net in SMALL_NETS + BIG_NETS:
-            for t in TARGETS if net in SMALL_NETS else (BIG_TARGET,):
-                out.append(pytest.param(learner, net, t * scale, id=f"{learner}-{net}-{t * scale:g}"))
-    return out
+    return [pytest.param(learner, net, t, id=f"{learner}-{net}-{t:g}")
+            for learner in searchable_learners() for net, t in contract_cases(target_scale(learner))]
+
+
+def train_cases() -> list[Any]:
+    return [pytest.param(learner, net, t, id=f"{learner}-{net}-{t:g}")
+            for learner in searchable_learners() for net, t in training_cases(target_scale(learner))]
+
+
+def quick_kwargs(learner_name: str) -> dict[str, Any]:
+    """``create_learner`` keywords with the learner's own quick options (its ``quick_options`` hook) applied."""
+    cls = LEARNERS.get(learner_name)
+    quick = cls.quick_options()
+    if not quick:
+        return {}
+    assert cls.Config is not None, f"{learner_name}.quick_options() overrides options of a learner without Config"
+    return {"config": dataclasses.replace(cls.Config(), **quick)}
 
 
 @functools.cache
@@ -189,18 +220,58 @@ def dataset() -> Any:
 def prepared(learner_name: str, net: str) -> tuple[Any, nn.Module]:
     model = build_net(net).eval()
     learner = create_learner(learner_name, train_cfg=TrainConfig(batch_size=32), quiet=True, seed=0,
-                             **QUICK.get(learner_name, {}))
+                             **quick_kwargs(learner_name))
     learner.prepare(model, dataset())
     return learner, model
 
 
-@pytest.mark.parametrize(("learner_name", "net", "target"), cases())
-def test_learner_contract(learner_name: str, net: str, target: float, tmp_path: Any) -> None:
+def prepared_space(learner_name: str, net: str, target: float) -> tuple[Any, nn.Module, Any]:
+    """The prepared learner, its model and search space; skips when the learner refuses the net."""
     try:
         learner, model = prepared(learner_name, net)
-        space = learner.search_space(model, target)
+        return learner, model, learner.search_space(model, target)
     except UnsupportedModel as e:  # a learner may refuse an architecture, with a clear reason
         pytest.skip(f"{learner_name} refuses {net}: {e}")
+
+
+# -- checks: plain functions, run for every registered learner below and for the toy plug-in in tests/plugins ---
+
+
+def check_declarations(learner_name: str) -> None:
+    """A registered learner is a Learner with a one-line doc; its quick options are fields of its Config."""
+    cls = LEARNERS.get(learner_name)
+    assert issubclass(cls, Learner)
+    assert LEARNERS.doc(learner_name), f"{learner_name} has no one-line docstring for --list"
+    quick = cls.quick_options()
+    assert isinstance(quick, dict)
+    if quick:
+        assert cls.Config is not None and set(quick) <= {f.name for f in dataclasses.fields(cls.Config)}, \
+            f"{learner_name}.quick_options() names options its Config lacks: {sorted(quick)}"
+    assert isinstance(create_learner(learner_name, **quick_kwargs(learner_name)), cls)
+
+
+def check_reloads(learner: Any, learner_name: str, net: str, cand: nn.Module, policy: dict[str, float],
+                  x: Tensor, out: Tensor, tmp_path: Any) -> None:
+    """The architecture record rebuilds ``cand`` from a freshly built net, and so does torchpocket.load."""
+    arch = learner.arch_state(cand)
+    assert is_plain(arch)
+    rebuilt = type(learner).rebuild(build_net(net, seed=1), arch)
+    rebuilt.load_state_dict(cand.state_dict())
+    rebuilt.eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), out)
+    # ... and so does torchpocket.load (weights_only=True) from a saved file
+    path = tmp_path / "model.pt"
+    registry_net = None if net == "user" else net
+    save_model(path, cand, config={}, net=registry_net, in_channels=IMAGE[0], num_classes=10, image_size=IMAGE[-1],
+               learner=learner_name, arch=arch, policy=policy)
+    loaded = load(path, model=build_net(net, seed=2) if registry_net is None else None)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+
+
+def check_learner_contract(learner_name: str, net: str, target: float, tmp_path: Any) -> None:
+    learner, model, space = prepared_space(learner_name, net, target)
     data = dataset()
     x = data.val.x[:4]
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -241,23 +312,60 @@ def test_learner_contract(learner_name: str, net: str, target: float, tmp_path: 
         with torch.no_grad():
             torch.testing.assert_close(same(x), ref, atol=1e-4, rtol=1e-4)
 
-    # the architecture record rebuilds the same model from a freshly built net ...
-    arch = learner.arch_state(cand)
-    assert is_plain(arch)
-    rebuilt = type(learner).rebuild(build_net(net, seed=1), arch)
-    rebuilt.load_state_dict(cand.state_dict())
-    rebuilt.eval()
-    with torch.no_grad():
-        assert torch.equal(rebuilt(x), out)
-    # ... and so does torchpocket.load (weights_only=True) from a saved file
-    path = tmp_path / "model.pt"
-    registry_net = None if net == "user" else net
-    save_model(path, cand, config={}, net=registry_net, in_channels=IMAGE[0], num_classes=10, image_size=IMAGE[-1],
-               learner=learner_name, arch=arch, policy=space.to_dict(policy))
-    loaded = load(path, model=build_net(net, seed=2) if registry_net is None else None)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), out)
+    # the architecture record rebuilds the same model from a freshly built net, and so does torchpocket.load ...
+    check_reloads(learner, learner_name, net, cand, space.to_dict(policy), x, out, tmp_path)
     # ... and a learner's own deployment file, when it writes one, reloads to the same outputs
     extra = learner.export(cand, tmp_path, x[:1])
     if "reload_identical" in extra:
         assert extra["reload_identical"], f"{learner_name}'s export does not reload identically"
+
+
+def check_training_keeps_the_compression(learner_name: str, net: str, target: float, tmp_path: Any) -> None:
+    """``finetune`` and ``retrain`` (a few steps, distilled) keep what ``compress`` made: the architecture, the
+    masks / codes the Budget counts, a reloadable record; the teacher stays untouched."""
+    learner, model, space = prepared_space(learner_name, net, target)
+    x = dataset().val.x[:4]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    budget = space.budget
+    policy = budget.project(np.random.default_rng(1).uniform(space.lows, space.highs))
+    cand = learner.compress(model, policy)
+    shapes = {k: tuple(v.shape) for k, v in cand.state_dict().items()}
+
+    stats = learner.finetune(cand, teacher=model, steps=2)
+    assert np.isfinite(stats["loss"])
+    history = learner.retrain(cand, teacher=model, epochs=1, lr=0.01)
+    assert len(history) == 1 and np.isfinite(history[0]["loss"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), f"training the candidate changed the teacher's {k}"
+    assert {k: tuple(v.shape) for k, v in cand.state_dict().items()} == shapes, "training changed the architecture"
+
+    cand = cand.to(memory_format=torch.contiguous_format).eval()  # the trainer's channels_last, for exact reloads
+    with torch.no_grad():
+        out = cand(x)
+    assert torch.isfinite(out).all()
+    expect = EXPECT.get(space.meta.get("measure", budget.unit), Expect())
+    if expect.measure is not None:  # pruned weights stayed zero, pruned channels stayed out
+        ratio = expect.measure(cand, model, x[:1])
+        assert ratio == pytest.approx(budget.fraction(policy), rel=1e-6, abs=1e-9), \
+            "after fine-tuning and re-training the model no longer measures what the Budget says"
+    if budget.unit == "bits":  # the codes stayed within each layer's bit-width
+        check_bits_honoured(cand, space.to_dict(policy))
+    check_reloads(learner, learner_name, net, cand, space.to_dict(policy), x, out, tmp_path)
+
+
+# -- the suite, over every registered learner ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("learner_name", LEARNERS.names())
+def test_learner_declarations(learner_name: str) -> None:
+    check_declarations(learner_name)
+
+
+@pytest.mark.parametrize(("learner_name", "net", "target"), cases())
+def test_learner_contract(learner_name: str, net: str, target: float, tmp_path: Any) -> None:
+    check_learner_contract(learner_name, net, target, tmp_path)
+
+
+@pytest.mark.parametrize(("learner_name", "net", "target"), train_cases())
+def test_training_keeps_the_compression(learner_name: str, net: str, target: float, tmp_path: Any) -> None:
+    check_training_keeps_the_compression(learner_name, net, target, tmp_path)

@@ -46,10 +46,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from torchpocket.config import opt, register_section
 from torchpocket.errors import UserError
 from torchpocket.hpo import register_hpo
 from torchpocket.hpo.base import Optimizer
+from torchpocket.options import opt
 from torchpocket.space import Policy, SearchSpace
 
 N_FEATURES = 10  # AMC's layer embedding: 7 static features + reduced, rest, previous action
@@ -80,7 +80,6 @@ class DDPGConfig:
                                  "[low, high] (AMC)", flag="--ddpg-center", choices=("uniform", "linear"))
 
 
-register_section("ddpg", DDPGConfig)
 
 
 def _init_linear(module: nn.Module, gen: torch.Generator) -> None:

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from torchpocket.config import opt, register_section
 from torchpocket.errors import UserError
 from torchpocket.hpo import register_hpo
 from torchpocket.hpo.base import JournalOptimizer
+from torchpocket.options import opt
 from torchpocket.space import Policy, SearchSpace
 
 
@@ -39,7 +39,6 @@ class GPConfig:
                           flag="--gp-candidates")
 
 
-register_section("gp", GPConfig)
 
 
 def initial_points(total_trials: int) -> int:

@@ -32,9 +32,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from torchpocket.config import opt, register_section
 from torchpocket.hpo import register_hpo
 from torchpocket.hpo.base import Optimizer
+from torchpocket.options import opt
 from torchpocket.space import Policy, SearchSpace
 
 
@@ -50,7 +50,6 @@ class SensitivityConfig:
                        flag="--sens-sigma")
 
 
-register_section("sensitivity", SensitivityConfig)
 
 _PROBE_SHARE = 0.4
 _MAX_POINTS = 6

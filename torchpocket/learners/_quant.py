@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from torchpocket.config import opt, register_section
 from torchpocket.errors import UnsupportedModel, UserError
 from torchpocket.learners._layers import layer_kind
 from torchpocket.learners._layers import weight_layers as quant_layers
+from torchpocket.options import opt
 from torchpocket.space import Budget, LayerSpec, Policy, SearchSpace
 
 FP_BITS = 32
@@ -88,7 +88,6 @@ class QuantConfig:
             raise UserError("--bits and --policy both fix the bits: give one of them")
 
 
-register_section("quant", QuantConfig)
 
 
 def check_config(c: QuantConfig, supported: tuple[int, int], learner: str) -> None:

@@ -47,7 +47,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from torchpocket.config import opt, register_section
 from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
 from torchpocket.learners import register_learner
@@ -62,6 +61,7 @@ from torchpocket.learners.channel_graph import (
     example_input,
     find_channel_groups,
 )
+from torchpocket.options import opt
 from torchpocket.space import Budget, LayerSpec, Policy, SearchSpace
 from torchpocket.utils import atomic_write_text, machine_description
 
@@ -102,7 +102,6 @@ class ChnConfig:
     high: float = opt(1.0, "largest preserve ratio of a layer's input channels", flag="--cp-high")
 
 
-register_section("chn", ChnConfig)
 
 
 @dataclass

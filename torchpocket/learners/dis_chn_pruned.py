@@ -45,12 +45,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from torchpocket.config import opt, register_section
 from torchpocket.datasets import DataBundle
 from torchpocket.errors import UnsupportedModel, UserError
 from torchpocket.learners import register_learner
 from torchpocket.learners.channel_graph import ChannelGroup, example_input
 from torchpocket.learners.chn_pruned import _MAX_GRAM_DIM, ChnConfig, ChnPrunedLearner, _Calib
+from torchpocket.options import opt
 from torchpocket.space import Policy
 
 
@@ -86,7 +86,6 @@ class DcpConfig:
     samples: int = opt(1024, "training images held for DCP (sampled once, seeded)", flag="--dcp-samples")
 
 
-register_section("dcp", DcpConfig)
 
 _TEACHER_CACHE_BYTES = 512 * 2**20  # the baseline's outputs on the pool are kept when they fit in this
 _MAX_PROBES = 64  # cut-point tests per stage boundary (one forward pass of a single image each)

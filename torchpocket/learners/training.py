@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchpocket.config import opt, register_section
 from torchpocket.distributed import wrap_ddp
 from torchpocket.errors import UserError
+from torchpocket.options import opt
 from torchpocket.utils import atomic_write_bytes, progress
 
 
@@ -49,7 +49,6 @@ class TrainConfig:
                         flag="--sync-bn")
 
 
-register_section("train", TrainConfig)
 
 
 def get_default_config() -> TrainConfig:

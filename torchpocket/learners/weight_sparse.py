@@ -44,7 +44,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from torchpocket.config import opt, register_section
 from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
 from torchpocket.learners import register_learner
@@ -52,6 +51,7 @@ from torchpocket.learners._layers import layer_kind, layer_macs
 from torchpocket.learners._layers import weight_layers as prunable_layers
 from torchpocket.learners.base import Learner
 from torchpocket.learners.training import fit
+from torchpocket.options import opt
 from torchpocket.space import Budget, LayerSpec, Policy, SearchSpace
 
 MASK_ATTR = "_torchpocket_ws"  # {"density": {layer: float}, "masks": {layer: bool Tensor}} on the sparse module
@@ -79,7 +79,6 @@ class WsConfig:
                           flag="--ws-exponent")
 
 
-register_section("ws", WsConfig)
 
 
 # -- numerics -------------------------------------------------------------------------------------

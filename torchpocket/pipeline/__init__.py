@@ -13,13 +13,13 @@ declared hooks and capabilities; a learner's or optimizer's own section goes to 
 
 from __future__ import annotations
 
+from torchpocket.config import SearchConfig
 from torchpocket.pipeline.baseline import load_data, resolve_baseline, train_config
 from torchpocket.pipeline.final import finalize
 from torchpocket.pipeline.run import make_learner, run
 from torchpocket.pipeline.rundir import RunDir, TrialLog
 from torchpocket.pipeline.search import (
     DEFAULT_EPISODES,
-    SearchConfig,
     SearchResult,
     compute_reward,
     episodes_for,

@@ -22,7 +22,6 @@ import yaml
 from torch import nn
 
 from torchpocket import distributed
-from torchpocket.config import opt, register_section
 from torchpocket.datasets import DataBundle, Split, TensorLoader
 from torchpocket.errors import UserError
 from torchpocket.hpo import HPOS, Optimizer, create_optimizer
@@ -32,31 +31,6 @@ from torchpocket.pipeline import workers
 from torchpocket.pipeline.rundir import RunDir, TrialLog, atomic_torch_save
 from torchpocket.space import SearchSpace
 from torchpocket.utils import atomic_write_text, is_main_process, progress, seed_everything
-
-
-@dataclass
-class SearchConfig:
-    episodes: int = opt(-1, "candidates to evaluate (-1 = 30 for a search, 1 with --hpo none / uniform)")
-    ft_steps: int = opt(0, "fast fine-tuning steps per candidate, distilled from the original (0 = AMC: none)")
-    ft_lr: float = opt(0.01, "learning rate of fast fine-tuning")
-    reward: str = opt("acc", "acc: -error, resource-constrained | acc-flops / acc-params: -error*log(resource), "
-                      "accuracy-guaranteed (may go below the target)", choices=("acc", "acc-flops", "acc-params"))
-    reward_val_size: int = opt(2000, "validation images used to score each candidate (0 = the whole split)")
-    retrain_epochs: int = opt(1, "epochs of re-training (with distillation) for the best candidate")
-    retrain_lr: float = opt(0.01, "peak learning rate of the re-training (cosine-decayed; the baseline's is --lr)")
-    policy: str | None = opt(None, "policy.yaml to apply with --hpo none (per-layer values)")
-    storage: str | None = opt(None, "Optuna RDB URL (sqlite:///search.db, postgresql://...) shared by workers")
-    study_name: str | None = opt(None, "Optuna study name in --storage (default: derived from the run settings)")
-    final_only: bool = opt(False, "with --storage: no search, run the final stage on the best trial stored (when "
-                                  "the worker that drew the last trial died)")
-    worker_wait: float = opt(3600.0, "with --storage: seconds the worker that drew the last trial waits for the "
-                                     "other workers' trials before its final stage")
-    resume: str | None = opt(None, "run directory of a killed search: continue from its last finished trial")
-    export_onnx: bool = opt(True, "write model.onnx and check it against PyTorch with ONNX Runtime")
-    latency_repeats: int = opt(20, "repeats for the latency figures in summary.json (median)")
-
-
-register_section("search", SearchConfig)
 
 DEFAULT_EPISODES = 30
 
