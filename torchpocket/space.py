@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +40,20 @@ class LayerSpec:
     low: float = 0.2
     high: float = 1.0
     step: float = 0.0  # 0: continuous action; >0: actions are multiples of step (bit-widths: 1)
+
+    @classmethod
+    def from_module(cls, name: str, module: Any, *, flops: int = 0, low: float, high: float,
+                    step: float = 0.0) -> LayerSpec:
+        """The spec of one ``nn.Conv2d`` / ``nn.Linear`` (read by attribute: this module imports no torch)."""
+        conv = hasattr(module, "kernel_size")
+        if conv:
+            cin, cout, stride, kernel = module.in_channels, module.out_channels, module.stride[0], module.kernel_size[0]
+            kind = "dwconv" if module.groups > 1 and module.groups == module.in_channels else "conv"
+        else:
+            cin, cout, stride, kernel, kind = module.in_features, module.out_features, 1, 1, "linear"
+        return cls(name=name, kind=kind, in_channels=int(cin), out_channels=int(cout), stride=int(stride),
+                   kernel=int(kernel), params=int(module.weight.numel()), flops=int(flops), low=float(low),
+                   high=float(high), step=float(step))
 
 
 class Budget:

@@ -136,6 +136,12 @@ class DataBundle:
     augment: Augment = field(default_factory=Augment)
     num_workers: int = 0
 
+    def example(self) -> Tensor:
+        """One training sample as a batch of one, float32 on the CPU (the shape traced for graphs and FLOPs)."""
+        train = self.train
+        x = train.x[:1] if isinstance(train, Split) else train[0][0][None]
+        return x.detach().float().cpu()
+
     def sizes(self) -> str:
         return f"{self.name}: train {len(self.train)}, val {len(self.val)}, test {len(self.test)} images"
 

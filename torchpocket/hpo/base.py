@@ -51,7 +51,7 @@ class Optimizer(ABC):
     def __init__(self, space: SearchSpace, *, seed: int = 0, total_trials: int = 0, config: Any = None,
                  storage: str | None = None, study_name: str | None = None) -> None:
         self.space, self.seed, self.total_trials = space, seed, total_trials
-        self.config = config if config is not None else self.default_config()
+        self.config = self.make_config(config)
         self.storage, self.study_name = storage, study_name
         self.history: list[tuple[Policy, float]] = []
         self.last_kind: str = "search"  # the kind (TRIAL_KINDS) of the policy the latest ask() returned
@@ -61,6 +61,18 @@ class Optimizer(ABC):
     @classmethod
     def default_config(cls) -> Any:
         return cls.Config() if cls.Config is not None else None
+
+    @classmethod
+    def make_config(cls, config: Any) -> Any:
+        """The optimizer's options: its ``Config`` as given, from a dict of fields, or the defaults."""
+        if config is None:
+            return cls.default_config()
+        if cls.Config is not None and isinstance(config, dict):
+            return cls.Config(**config)
+        if cls.Config is not None and not isinstance(config, cls.Config):
+            raise TypeError(f"{cls.__name__} config must be a {cls.Config.__name__} or a dict, "
+                            f"got {type(config).__name__}")
+        return config
 
     @abstractmethod
     def ask(self) -> Policy:

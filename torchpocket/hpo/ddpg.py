@@ -171,16 +171,6 @@ class ReplayMemory:
             getattr(self, k)[: self.size] = state[k]
 
 
-def _as_config(config: Any) -> DDPGConfig:
-    if config is None:
-        return DDPGConfig()
-    if isinstance(config, DDPGConfig):
-        return config
-    if isinstance(config, dict):
-        return DDPGConfig(**config)
-    raise TypeError(f"DDPG config must be a DDPGConfig or a dict, got {type(config).__name__}")
-
-
 @register_hpo("ddpg")
 class DDPG(Optimizer):
     """AMC's DDPG agent: walks the layers one action at a time, with the action wall and truncated-normal noise"""
@@ -192,7 +182,7 @@ class DDPG(Optimizer):
 
     def __init__(self, space: SearchSpace, **kw: Any) -> None:
         super().__init__(space, **kw)
-        cfg = self.config = _as_config(self.config)
+        cfg = self.config
         n = len(space)
         if n == 0:
             raise UserError("--hpo ddpg needs at least one compressible layer")

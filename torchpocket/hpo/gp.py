@@ -70,8 +70,6 @@ class GPOptimizer(JournalOptimizer):
 
     def __init__(self, space: SearchSpace, **kw: Any) -> None:
         super().__init__(space, **kw)
-        if isinstance(self.config, dict):
-            self.config = GPConfig(**self.config)
         try:
             import skopt
         except ImportError:

@@ -73,8 +73,6 @@ class SensitivityOptimizer(Optimizer):
 
     def __init__(self, space: SearchSpace, **kw: Any) -> None:
         super().__init__(space, **kw)
-        if isinstance(self.config, dict):
-            self.config = SensitivityConfig(**self.config)
         self.budget = space.budget
         self.lows, self.highs = space.lows, space.highs
         self.free = [i for i in range(len(space)) if self.highs[i] > self.lows[i]]

@@ -22,13 +22,6 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def layer_kind(m: nn.Module) -> str:
-    """AMC's layer type for the search space's embedding: linear, dwconv or conv."""
-    if isinstance(m, nn.Linear):
-        return "linear"
-    return "dwconv" if m.groups > 1 and m.groups == m.in_channels else "conv"
-
-
 def layer_macs(model: nn.Module, x: Tensor) -> dict[str, int]:
     """Multiply-adds of each :func:`weight_layers` layer for one sample of ``x`` (moved to the model's device),
     keyed in execution order (layers the forward pass never reaches are absent). Modes are restored."""

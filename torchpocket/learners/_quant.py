@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from torchpocket.errors import UnsupportedModel, UserError
-from torchpocket.learners._layers import layer_kind
 from torchpocket.learners._layers import weight_layers as quant_layers
 from torchpocket.options import opt
 from torchpocket.space import Budget, LayerSpec, Policy, SearchSpace
@@ -125,14 +124,8 @@ def bits_space(model: nn.Module, target: float, *, cfg: QuantConfig, fill: bool,
         raise UnsupportedModel("no Conv2d / Linear layer to quantize in this model")
     lo, hi = (cfg.bits, cfg.bits) if cfg.bits is not None else (cfg.min_bits, cfg.max_bits)
     sizes = [int(m.weight.numel()) for _, m in layers]
-    specs = []
-    for (name, m), n in zip(layers, sizes):
-        conv = isinstance(m, nn.Conv2d)
-        specs.append(LayerSpec(
-            name=name, kind=layer_kind(m), in_channels=m.in_channels if conv else m.in_features,
-            out_channels=m.out_channels if conv else m.out_features, stride=m.stride[0] if conv else 1,
-            kernel=m.kernel_size[0] if conv else 1, params=n, flops=(macs or {}).get(name, 0),
-            low=float(lo), high=float(hi), step=1.0))
+    specs = [LayerSpec.from_module(name, m, flops=(macs or {}).get(name, 0), low=lo, high=hi, step=1.0)
+             for name, m in layers]
 
     def layer_costs(p: Policy) -> list[float]:
         return [float(as_bits(b)) * n for b, n in zip(p, sizes)]

@@ -790,10 +790,3 @@ def _dim_size(module: nn.Module, hname: str) -> int | None:
     if hname.startswith("prune_batchnorm") and isinstance(module, nn.modules.batchnorm._BatchNorm):
         return module.num_features
     return None
-
-
-def example_input(data: Any) -> Tensor:
-    """One training sample as a batch of one (the shape traced for the graph and the FLOPs)."""
-    train = data.train
-    x = train.x[:1] if hasattr(train, "x") else train[0][0][None]
-    return x.detach().float().cpu()

@@ -58,7 +58,6 @@ from torchpocket.learners.channel_graph import (
     LatencyModel,
     apply_ops,
     build_latency_model,
-    example_input,
     find_channel_groups,
 )
 from torchpocket.options import opt
@@ -227,7 +226,7 @@ class ChnPrunedLearner(Learner):
         """The selection-independent part of :meth:`prepare`: channel groups, cost model, latency table."""
         super().prepare(model, data)
         c = self.config
-        example = example_input(data)
+        example = data.example()
         self._input_shape = list(example.shape)
         self.info = find_channel_groups(model, example, coupled=c.coupled)
         self.cost = CostModel(self.info, round_to=c.channel_round)

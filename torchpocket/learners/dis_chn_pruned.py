@@ -48,7 +48,7 @@ from torch.nn import functional as F
 from torchpocket.datasets import DataBundle
 from torchpocket.errors import UnsupportedModel, UserError
 from torchpocket.learners import register_learner
-from torchpocket.learners.channel_graph import ChannelGroup, example_input
+from torchpocket.learners.channel_graph import ChannelGroup
 from torchpocket.learners.chn_pruned import _MAX_GRAM_DIM, ChnConfig, ChnPrunedLearner, _Calib
 from torchpocket.options import opt
 from torchpocket.space import Policy
@@ -310,7 +310,7 @@ class DisChnPrunedLearner(ChnPrunedLearner):
         """
         self._prepare_graph(model, data)
         assert self.info is not None
-        self.plan = find_stages(model, example_input(data), self.info.groups, self.dcp.stages)
+        self.plan = find_stages(model, data.example(), self.info.groups, self.dcp.stages)
         self._pool = self._sample_pool()
         self._cache = self._teacher_cache(model)
         self.heads = self._train_heads(model)

@@ -236,10 +236,9 @@ class NonUniformQuantLearner(Learner):
         self._macs: dict[str, int] = {}
 
     def prepare(self, model: nn.Module, data: DataBundle) -> None:
-        from torchpocket.learners.channel_graph import example_input
 
         super().prepare(model, data)
-        self._macs = layer_macs(model, example_input(data))
+        self._macs = layer_macs(model, data.example())
 
     def search_space(self, model: nn.Module, target: float, *, fill: bool = True) -> SearchSpace:
         """Weight bits of every Conv2d / Linear layer; Budget on total weight bits (as uniform-quant)."""

@@ -57,12 +57,6 @@ from torchpocket.space import Policy, SearchSpace
 ARCH_VERSION = 1
 
 
-def _example(data: DataBundle) -> Tensor:
-    from torchpocket.learners.channel_graph import example_input
-
-    return example_input(data)
-
-
 def _build(model: nn.Module, bits: dict[str, int], *, act_bits: int, ema: float, reduce_range: bool) -> nn.Module:
     """A copy of ``model`` with fake-quant weights (``bits`` per layer name) and activation quantizers."""
     gm = trace(copy.deepcopy(model))
@@ -100,7 +94,7 @@ class UniformQuantLearner(Learner):
             if i >= self.config.calib_batches:
                 break
             self._calib.append(x)
-        self._macs = layer_macs(model, _example(data))
+        self._macs = layer_macs(model, data.example())
 
     def search_space(self, model: nn.Module, target: float, *, fill: bool = True) -> SearchSpace:
         """Weight bits of every Conv2d / Linear layer; the Budget keeps total weight bits <= target * fp32 bits."""

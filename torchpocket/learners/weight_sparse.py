@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
 from torchpocket.learners import register_learner
-from torchpocket.learners._layers import layer_kind, layer_macs
+from torchpocket.learners._layers import layer_macs
 from torchpocket.learners._layers import weight_layers as prunable_layers
 from torchpocket.learners.base import Learner
 from torchpocket.learners.training import fit
@@ -255,11 +255,10 @@ class WeightSparseLearner(Learner):
     # -- prepare: execution order and per-layer FLOPs, once --------------------------------------
     def prepare(self, model: nn.Module, data: DataBundle) -> None:
         """Trace one sample to order the prunable layers as they run and count their multiply-adds."""
-        from torchpocket.learners.channel_graph import example_input
 
         super().prepare(model, data)
         layers = dict(prunable_layers(model))
-        macs = layer_macs(model, example_input(data))  # keyed in execution order
+        macs = layer_macs(model, data.example())  # keyed in execution order
         self._order = list(macs) + [n for n in layers if n not in macs]  # unused layers last, registration order
         self._macs = macs
 
@@ -293,14 +292,8 @@ class WeightSparseLearner(Learner):
         sizes = [int(m.weight.numel()) for _, m in searched]
         dense = float(sum(int(m.weight.numel()) for _, m in fixed))
         lows = [c.fc_min_density if isinstance(m, nn.Linear) else c.conv_min_density for _, m in searched]
-        layers = []
-        for (name, m), n, low in zip(searched, sizes, lows):
-            conv = isinstance(m, nn.Conv2d)
-            layers.append(LayerSpec(
-                name=name, kind=layer_kind(m), in_channels=m.in_channels if conv else m.in_features,
-                out_channels=m.out_channels if conv else m.out_features, stride=m.stride[0] if conv else 1,
-                kernel=m.kernel_size[0] if conv else 1, params=n, flops=self._macs.get(name, 0), low=low, high=1.0,
-            ))
+        layers = [LayerSpec.from_module(name, m, flops=self._macs.get(name, 0), low=low, high=1.0)
+                  for (name, m), low in zip(searched, lows)]
 
         def layer_costs(p: Policy) -> list[float]:
             return [float(kept_count(d, n)) for d, n in zip(p, sizes)]
