@@ -50,6 +50,7 @@ from torch.nn import functional as F
 from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
 from torchpocket.learners import register_learner
+from torchpocket.learners._importance import IMPORTANCE, Calib, Ranking
 from torchpocket.learners.base import Learner
 from torchpocket.learners.channel_graph import (
     ChannelGroup,
@@ -101,83 +102,6 @@ class ChnConfig:
     high: float = opt(1.0, "largest preserve ratio of a layer's input channels", flag="--cp-high")
 
 
-
-
-@dataclass
-class _Calib:
-    """Calibration statistics of one consumer layer (from the original model)."""
-
-    gram: Tensor  # D x D, E[x x^T] of sampled input patches
-    gw: Tensor  # D x O, E[x y^T] = gram @ W0^T
-    weight: Tensor  # O x D, original weights, flattened (all float32: D can be thousands)
-    kk: int  # features per input channel (kernel area; 1 for Linear)
-    rows: int
-
-
-class _LassoPath:
-    """He et al.'s LASSO for one group, ``y = sum_u beta_u Z_u`` with ``y = Z 1``, from ``Z^T Z`` alone.
-
-    The LARS path is computed lazily and only as far as a request needs (its prefix
-    does not depend on how far it is run), then cached for later candidates.
-    """
-
-    def __init__(self, zz: np.ndarray, n_samples: int) -> None:
-        scale = float(np.trace(zz)) / len(zz) or 1.0
-        self.zz = zz / scale
-        self.xy = self.zz.sum(1)
-        self.n_samples = n_samples
-        self.coefs = np.zeros((len(zz), 1))
-        self.done = False
-
-    def prefix(self, k: int) -> np.ndarray:
-        """The path (units x knots) up to the first knot with at least ``k`` non-zero coefficients."""
-        while not self.done and (self.coefs != 0).sum(0).max() < k:
-            self._extend(max(2 * self.coefs.shape[1], k + 8))
-        nnz = (self.coefs != 0).sum(0)
-        hit = np.flatnonzero(nnz >= k)
-        return self.coefs[:, : (hit[0] + 1 if hit.size else self.coefs.shape[1])]
-
-    def _extend(self, max_iter: int) -> None:
-        from sklearn.linear_model import lars_path_gram
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _, _, coefs, n_iter = lars_path_gram(Xy=self.xy, Gram=self.zz, n_samples=self.n_samples,
-                                                 method="lasso", max_iter=max_iter, return_n_iter=True)
-        self.coefs = np.asarray(coefs)
-        self.done = n_iter < max_iter
-
-    def keep(self, classes: list[list[int]], per_class: list[int]) -> list[int]:
-        """Exactly ``per_class`` units of each class.
-
-        One class: the support at the largest penalty where exactly k coefficients are
-        non-zero (what bisecting the penalty converges to). Otherwise, or when no knot
-        has exactly k, units in the order they enter the path; units still outside it
-        follow by their correlation with the residual (the next ones LARS would add).
-        """
-        k = sum(per_class)
-        path = self.prefix(k)
-        nz = path != 0
-        if len(classes) == 1:
-            exact = np.flatnonzero(nz.sum(0) == k)
-            if exact.size:
-                return sorted(np.flatnonzero(nz[:, exact[0]]).tolist())
-        entered = nz.any(1)
-        entry = np.where(entered, np.argmax(nz, axis=1), path.shape[1]).astype(float)
-        corr = np.abs(self.xy - self.zz @ path[:, -1])
-        order = np.lexsort((-corr, entry))
-        return _take(order, classes, per_class)
-
-
-def _take(order: np.ndarray, classes: list[list[int]], per_class: list[int]) -> list[int]:
-    """The first ``per_class[i]`` units of ``order`` inside each class ``classes[i]``."""
-    keep: list[int] = []
-    for units, kc in zip(classes, per_class):
-        inside = set(units)
-        keep += [int(u) for u in order if u in inside][:kc]
-    return sorted(keep)
-
-
 @register_learner("chn-pruned")
 class ChnPrunedLearner(Learner):
     """Channel pruning (AMC / He et al. 2017): LASSO channel selection + least-squares reconstruction"""
@@ -203,9 +127,8 @@ class ChnPrunedLearner(Learner):
             raise UserError(f"--lut-points must be at least 2 (the narrowest and the full width), got {c.lut_points}")
         self.info: GraphInfo | None = None
         self.cost: CostModel | None = None
-        self._calib: dict[str, _Calib] = {}
-        self._orders: dict[int, np.ndarray] = {}  # l1 / random rankings, per group
-        self._lasso: dict[int, _LassoPath] = {}  # built on first use
+        self._calib: dict[str, Calib] = {}
+        self._rankings: dict[int, Ranking] = {}  # per group, from the --cp-select importance criterion
         self._input_shape: list[int] = []
         self._example: Tensor | None = None
         self._model: nn.Module | None = None  # the prepared (original) model, for the latency table
@@ -237,18 +160,14 @@ class ChnPrunedLearner(Learner):
     def _prepare_selection(self, model: nn.Module) -> None:
         """What LASSO / L1 / random selection and reconstruction need: calibration statistics and rankings."""
         assert self.info is not None
-        c = self.config
+        importance = IMPORTANCE[self.config.select]
         need = set()
         for g in self.info.groups:
-            if c.reconstruct or (c.select == "lasso" and not g.coupled):
+            if self.config.reconstruct or importance.needs_calibration(g):
                 need.update(g.consumers)
         self._calib = self._calibrate(model, sorted(need)) if need else {}
-        self._orders, self._lasso = {}, {}
-        for i, g in enumerate(self.info.groups):
-            if c.select == "random":
-                self._orders[i] = np.random.default_rng([self.seed, i]).permutation(g.units)
-            elif not self._uses_lasso(g):
-                self._orders[i] = np.argsort(-self._l1_scores(model, g, everything=g.coupled), kind="stable")
+        self._rankings = {i: importance.ranking(model, g, i, self._calib, self.seed)
+                          for i, g in enumerate(self.info.groups)}
 
     def _calibration_inputs(self) -> Iterator[Tensor]:
         assert self.data is not None
@@ -264,7 +183,7 @@ class ChnPrunedLearner(Learner):
                 break
             yield x
 
-    def _calibrate(self, model: nn.Module, consumers: list[str]) -> dict[str, _Calib]:
+    def _calibrate(self, model: nn.Module, consumers: list[str]) -> dict[str, Calib]:
         net = copy.deepcopy(model).to(self.device).eval()
         mods = dict(net.named_modules())
         points = self.config.points_per_layer
@@ -292,66 +211,18 @@ class ChnPrunedLearner(Learner):
         finally:
             for h in handles:
                 h.remove()
-        out: dict[str, _Calib] = {}
+        out: dict[str, Calib] = {}
         for name, (g, n) in acc.items():
             m = mods[name]
             gram = (g / max(n, 1)).cpu()
             w = m.weight.detach().float().cpu().flatten(1)
             kk = int(np.prod(m.kernel_size)) if isinstance(m, nn.Conv2d) else 1
-            out[name] = _Calib(gram, gram @ w.T, w, kk, n)
+            out[name] = Calib(gram, gram @ w.T, w, kk, n)
         return out
 
     # -- selection ------------------------------------------------------------------------------
-    def _uses_lasso(self, g: ChannelGroup) -> bool:
-        return self.config.select == "lasso" and not g.coupled and all(n in self._calib for n in g.consumers)
-
-    def _lasso_path(self, index: int) -> _LassoPath:
-        if index not in self._lasso:
-            g = self.info.groups[index]
-            zz = np.zeros((g.units, g.units))
-            rows = 0
-            for name in g.consumers:  # every consumer's output counts equally
-                z = self._contribution_gram(g, name)
-                zz += z / max(float(z.sum()), 1e-30)
-                rows += self._calib[name].rows * self._calib[name].weight.shape[0]
-            self._lasso[index] = _LassoPath(zz, max(rows, 1))
-        return self._lasso[index]
-
-    def _contribution_gram(self, g: ChannelGroup, consumer: str) -> np.ndarray:
-        """Z^T Z of the per-unit output contributions Z_u = W_u x_u (He et al.'s LASSO design), from E[x x^T]."""
-        cal = self._calib[consumer]
-        unit_of = torch.full((cal.gram.shape[0],), -1, dtype=torch.long)
-        for u, chans in enumerate(g.consumer_member(consumer).unit_idxs):
-            for ch in chans:
-                unit_of[ch * cal.kk : (ch + 1) * cal.kk] = u
-        m = cal.weight.T @ cal.weight
-        m.mul_(cal.gram)  # sum_o (W_o x)(W_o x)^T per feature pair
-        valid = unit_of >= 0
-        if not bool(valid.all()):
-            m = m[valid][:, valid]
-        uv = unit_of[valid]
-        r = torch.zeros(m.shape[0], g.units).index_add_(1, uv, m)
-        return torch.zeros(g.units, g.units, dtype=torch.float64).index_add_(0, uv, r.double()).numpy()
-
-    def _l1_scores(self, model: nn.Module, g: ChannelGroup, *, everything: bool) -> np.ndarray:
-        """Consumers' input-weight L1 per unit (AMC); with ``everything``, every coupled layer's (group L1)."""
-        mods = dict(model.named_modules())
-        score = np.zeros(g.units)
-        for m in g.members:
-            consumer = m.handler in ("prune_conv_in_channels", "prune_linear_in_channels")
-            if not (consumer or everything) or m.handler == "prune_batchnorm_out_channels":
-                continue
-            w = mods[m.module].weight.detach().abs().cpu().double()
-            per = (w.sum(dim=[d for d in range(w.dim()) if d != (1 if consumer else 0)]))
-            s = np.array([float(per[ix].sum()) if ix else 0.0 for ix in m.unit_idxs])
-            score += s / max(s[s > 0].mean() if (s > 0).any() else 1.0, 1e-30)
-        return score
-
     def _keep(self, index: int, per_class: list[int]) -> list[int]:
-        g = self.info.groups[index]
-        if index in self._orders:
-            return _take(self._orders[index], g.classes, per_class)
-        return self._lasso_path(index).keep(g.classes, per_class)
+        return self._rankings[index].keep(self.info.groups[index].classes, per_class)
 
     # -- the contract ---------------------------------------------------------------------------
     def _prepared(self, model: nn.Module) -> tuple[GraphInfo, CostModel]:

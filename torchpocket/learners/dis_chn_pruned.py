@@ -48,8 +48,9 @@ from torch.nn import functional as F
 from torchpocket.datasets import DataBundle
 from torchpocket.errors import UnsupportedModel, UserError
 from torchpocket.learners import register_learner
+from torchpocket.learners._importance import Calib
 from torchpocket.learners.channel_graph import ChannelGroup
-from torchpocket.learners.chn_pruned import _MAX_GRAM_DIM, ChnConfig, ChnPrunedLearner, _Calib
+from torchpocket.learners.chn_pruned import _MAX_GRAM_DIM, ChnConfig, ChnPrunedLearner
 from torchpocket.options import opt
 from torchpocket.space import Policy
 
@@ -554,7 +555,7 @@ class DisChnPrunedLearner(ChnPrunedLearner):
                 rows += len(xs)
             if rows:
                 w0 = m.weight.detach().float().cpu().flatten(1)
-                self._calib[c] = _Calib((gram / rows).float(), (cross / rows).float(), w0, kk, rows)
+                self._calib[c] = Calib((gram / rows).float(), (cross / rows).float(), w0, kk, rows)
                 try:
                     self._reconstruct(m, g, c, removed)
                 finally:
