@@ -18,15 +18,9 @@ from torchpocket.config import SECTIONS
 from torchpocket.datasets import DATASETS
 from torchpocket.errors import UserError
 from torchpocket.learners import LEARNERS
-from torchpocket.learners.channel_graph import (
-    LatencyEntry,
-    apply_ops,
-    find_channel_groups,
-    isotonic,
-    keep_counts,
-    monotone_table,
-    width_grid,
-)
+from torchpocket.learners._channel_cost import keep_counts
+from torchpocket.learners._channel_latency import LatencyEntry, isotonic, monotone_table, width_grid
+from torchpocket.learners.channel_graph import apply_ops, find_channel_groups
 from torchpocket.learners.chn_pruned import ChnConfig, ChnPrunedLearner, sample_rows
 from torchpocket.learners.training import TrainConfig
 

@@ -24,7 +24,7 @@ Neural Networks" (He et al. 2017), as in PocketFlow's ChannelPrunedLearner:
   original) least squares so its output on the calibration points is preserved;
 * ``resource = "latency"`` (HAQ's idea, applied to channel pruning): the Budget constrains the
   latency predicted by a per-layer lookup table timed on this machine at a grid of widths
-  (:class:`~torchpocket.learners.channel_graph.LatencyModel`); :meth:`predicted_latency` gives
+  (:class:`~torchpocket.learners._channel_latency.LatencyModel`); :meth:`predicted_latency` gives
   the prediction for any policy, to compare with the final model's measured latency;
 * the cut is real: Torch-Pruning's pruning functions shrink Conv2d / BatchNorm / Linear
   layers, and the list of cuts is the architecture record that :meth:`rebuild` replays.
@@ -50,17 +50,11 @@ from torch.nn import functional as F
 from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
 from torchpocket.learners import register_learner
+from torchpocket.learners._channel_cost import CostModel
+from torchpocket.learners._channel_latency import LatencyModel, build_latency_model
 from torchpocket.learners._importance import IMPORTANCE, Calib, Ranking
 from torchpocket.learners.base import Learner
-from torchpocket.learners.channel_graph import (
-    ChannelGroup,
-    CostModel,
-    GraphInfo,
-    LatencyModel,
-    apply_ops,
-    build_latency_model,
-    find_channel_groups,
-)
+from torchpocket.learners.channel_graph import ChannelGroup, GraphInfo, apply_ops, find_channel_groups
 from torchpocket.options import opt
 from torchpocket.space import Budget, LayerSpec, Policy, SearchSpace
 from torchpocket.utils import atomic_write_text, machine_description

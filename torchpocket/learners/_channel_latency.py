@@ -1,0 +1,286 @@
+"""The latency lookup table of a channel-pruned model: each layer timed on this machine at a grid of widths."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from torchpocket.learners._channel_cost import CostModel
+from torchpocket.utils import time_round_robin
+
+#: activation modules timed together with the conv / norm they directly follow
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Hardtanh, nn.LeakyReLU,
+                nn.Sigmoid, nn.Tanh, nn.Mish)
+
+
+@dataclass
+class LatencyEntry:
+    """One timed layer: seconds per call over a grid of input x output widths."""
+
+    name: str
+    index: int  # position in CostModel.names
+    calls: int  # times the layer runs in one forward pass
+    cin: np.ndarray  # input widths timed (one point when the input width never changes)
+    cout: np.ndarray  # output widths timed
+    table: np.ndarray  # len(cin) x len(cout) seconds, non-decreasing along both axes
+    extras: list[str]  # the norm / activation modules timed with the layer
+
+    def at(self, cin: float, cout: float) -> float:
+        """Bilinear interpolation in the table (flat outside the grid), times the number of calls."""
+        i0, i1, s = _bracket(self.cin, cin)
+        j0, j1, t = _bracket(self.cout, cout)
+        tab = self.table
+        v = (1 - s) * ((1 - t) * tab[i0, j0] + t * tab[i0, j1]) + s * ((1 - t) * tab[i1, j0] + t * tab[i1, j1])
+        return self.calls * float(v)
+
+
+def _bracket(grid: np.ndarray, x: float) -> tuple[int, int, float]:
+    n = len(grid)
+    if n == 1 or x <= grid[0]:
+        return 0, 0, 0.0
+    if x >= grid[-1]:
+        return n - 1, n - 1, 0.0
+    i = int(np.searchsorted(grid, x, side="right")) - 1
+    return i, i + 1, float((x - grid[i]) / (grid[i + 1] - grid[i]))
+
+
+class LatencyModel:
+    """Predicted latency of a pruned model from per-layer lookup tables timed on this machine (HAQ's idea).
+
+    Every Conv2d / Linear layer is timed alone -- a fresh layer of the same geometry, with the
+    norm and activation modules that directly follow it, in eval mode under ``inference_mode``,
+    on an input of its real spatial size -- at a grid of input x output widths between the
+    narrowest the search can ask for and the full width (layers of fixed width: once). Tables
+    are made non-decreasing along both axes (isotonic regression), so the bilinear interpolation
+    is non-decreasing in every preserve ratio and the Budget's bisection stays valid. The rest
+    of the forward pass (pooling, additions, functional ops, Python overhead) is a constant:
+    the whole model's measured time minus the timed layers' sum at full width (at least 0).
+    """
+
+    def __init__(self, cost: CostModel, entries: list[LatencyEntry], rest: float, *, measured_full: float,
+                 meta: dict[str, Any]) -> None:
+        self.cost, self.entries, self.rest = cost, entries, float(rest)
+        self.measured_full, self.meta = float(measured_full), meta
+        self._varying = [e for e in entries if e.table.size > 1]
+        self.fixed = self.rest + sum(e.calls * float(e.table[0, 0]) for e in entries if e.table.size == 1)
+        self._owner = [int(cost.owner[e.index]) for e in entries]
+
+    @property
+    def full(self) -> float:
+        """Predicted seconds of the unpruned model: every table at full width, plus the rest."""
+        return self.rest + sum(e.calls * float(e.table[-1, -1]) for e in self.entries)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON) for an on-disk cache; :meth:`from_dict` needs the same cost model."""
+        return {"version": 1, "rest": self.rest, "measured_full": self.measured_full, "meta": dict(self.meta),
+                "entries": [{"name": e.name, "index": e.index, "calls": e.calls, "cin": e.cin.tolist(),
+                             "cout": e.cout.tolist(), "table": e.table.tolist(), "extras": list(e.extras)}
+                            for e in self.entries]}
+
+    @classmethod
+    def from_dict(cls, cost: CostModel, d: dict[str, Any]) -> LatencyModel:
+        """Rebuild from :meth:`to_dict`; ValueError when it does not describe ``cost``'s layers."""
+        if d.get("version") != 1:
+            raise ValueError(f"unsupported latency table version {d.get('version')!r}")
+        entries = []
+        for r in d["entries"]:
+            k, cin, cout = int(r["index"]), np.asarray(r["cin"], float), np.asarray(r["cout"], float)
+            table = np.asarray(r["table"], float).reshape(len(cin), len(cout))
+            if not 0 <= k < len(cost.names) or cost.names[k] != r["name"]:
+                raise ValueError(f"latency table layer {r['name']!r} is not layer {k} of this model")
+            if (np.diff(table, axis=0) < 0).any() or (np.diff(table, axis=1) < 0).any():
+                raise ValueError(f"latency table of {r['name']!r} is not monotone")
+            entries.append(LatencyEntry(r["name"], k, int(r["calls"]), cin, cout, table, list(r["extras"])))
+        return cls(cost, entries, float(d["rest"]), measured_full=float(d["measured_full"]), meta=dict(d["meta"]))
+
+    def _layer_seconds(self, policy: Sequence[float], entries: list[LatencyEntry]) -> list[float]:
+        cin, cout = self.cost.widths(self.cost.counts(policy))
+        return [e.at(float(cin[e.index]), float(cout[e.index])) for e in entries]
+
+    def predict(self, policy: Sequence[float]) -> float:
+        """Predicted seconds per forward pass (of the table's batch size) of the model pruned by ``policy``."""
+        return self.fixed + sum(self._layer_seconds(policy, self._varying))
+
+    def layer_costs(self, policy: Sequence[float]) -> np.ndarray:
+        """Per-group share of the predicted latency (the layers each group owns, as for FLOPs)."""
+        secs = self._layer_seconds(policy, self.entries)
+        out = np.zeros(self.cost.n_groups)
+        for o, v in zip(self._owner, secs):
+            if o >= 0:
+                out[o] += v
+        return out
+
+
+def _trace_layers(net: nn.Module, x: Tensor) -> dict[str, tuple[tuple[int, ...], int, list[nn.Module]]]:
+    """Per Conv2d / Linear: input shape of one sample, calls per forward, the norm / activation right after it."""
+    names = {m: n for n, m in net.named_modules()}
+    info: dict[str, list[Any]] = {}
+    after: dict[int, tuple[str, Tensor, int]] = {}  # id(output) -> (layer, output, 0 conv | 1 norm | 2 activation)
+
+    def hook(mod: nn.Module, inputs: tuple[Any, ...], out: Any) -> None:
+        if not inputs or not isinstance(inputs[0], Tensor) or not isinstance(out, Tensor):
+            return
+        name = names[mod]
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            rec = info.setdefault(name, [tuple(inputs[0].shape[1:]), 0, []])
+            rec[1] += 1
+            if rec[1] == 1:
+                after[id(out)] = (name, out, 0)
+            return
+        src = after.get(id(inputs[0]))
+        if src is None or src[1] is not inputs[0]:
+            return
+        owner, _, stage = src
+        norm = isinstance(mod, nn.modules.batchnorm._BatchNorm)
+        if (norm and stage == 0) or (not norm and stage < 2):
+            info[owner][2].append(mod)
+            after[id(out)] = (owner, out, 1 if norm else 2)
+
+    handles = [m.register_forward_hook(hook) for m in net.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm, *_ACTIVATIONS))]
+    try:
+        with torch.inference_mode():
+            net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: (v[0], v[1], v[2]) for k, v in info.items()}
+
+
+def _fresh_layer(src: nn.Module, kind: str, cin: int, cout: int, extras: list[nn.Module]) -> nn.Module:
+    """A new layer with ``src``'s geometry at the given widths, followed by fresh copies of ``extras``."""
+    layer: nn.Module
+    if isinstance(src, nn.Conv2d):
+        depthwise = kind == "dwconv"
+        layer = nn.Conv2d(cout if depthwise else cin, cout, src.kernel_size, src.stride, src.padding, src.dilation,
+                          cout if depthwise else src.groups, src.bias is not None, src.padding_mode)
+    else:
+        layer = nn.Linear(cin, cout, bias=src.bias is not None)
+    parts = [layer]
+    for m in extras:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            parts.append(type(m)(cout, eps=m.eps, affine=m.affine, track_running_stats=m.track_running_stats))
+        else:
+            parts.append(copy.deepcopy(m))
+    p = src.weight
+    return nn.Sequential(*parts).to(device=p.device, dtype=p.dtype).eval()
+
+
+def time_cases(cases: Sequence[tuple[nn.Module, Tensor]], *, warmup: int, repeats: int) -> list[float]:
+    """Median seconds per call of each (module, input), timed round-robin (``utils.time_round_robin``)."""
+    sync = (lambda: torch.cuda.synchronize()) if any(x.device.type == "cuda" for _, x in cases) else None
+    with torch.inference_mode():
+        times = time_round_robin({i: functools.partial(m, x) for i, (m, x) in enumerate(cases)}, warmup=warmup,
+                                 repeats=repeats, sync=sync)
+    return [times[i] for i in range(len(cases))]
+
+
+def isotonic(y: np.ndarray) -> np.ndarray:
+    """The non-decreasing sequence closest to ``y`` in least squares (``max_{j<=i} min_{k>=i} mean(y[j..k])``).
+
+    Unlike a running maximum, one slow outlier at a narrow width does not flatten the rest.
+    """
+    y = np.asarray(y, float)
+    n = len(y)
+    c = np.concatenate([[0.0], np.cumsum(y)])
+    mean = np.full((n, n), np.inf)  # mean[j, k] = mean(y[j..k]) for j <= k
+    for j in range(n):
+        mean[j, j:] = (c[j + 1 :] - c[j]) / np.arange(1, n - j + 1)
+    out = np.array([max(float(mean[j, i:].min()) for j in range(i + 1)) for i in range(n)])
+    return np.maximum.accumulate(out)  # equal block means computed two ways may differ in the last bit
+
+
+def monotone_table(table: np.ndarray) -> np.ndarray:
+    """Isotonic along the input-width axis, then along the output-width axis: non-decreasing along both.
+
+    (Isotonic regression preserves order between sequences, so the second pass keeps the first's.)
+    """
+    t = np.apply_along_axis(isotonic, 0, np.asarray(table, float))
+    return np.apply_along_axis(isotonic, 1, t)
+
+
+def width_grid(low: float, full: float, points: int, reachable: np.ndarray | None = None) -> np.ndarray:
+    """At most ``points`` integer widths from ``low`` to ``full``, both included.
+
+    When the widths a policy can produce (``reachable``, e.g. multiples of the channel
+    rounding) are that few, exactly those: the table is then exact, not interpolated.
+    """
+    lo, hi = max(1, int(round(low))), max(1, int(round(full)))
+    if reachable is not None:
+        r = np.unique(np.round(np.asarray(reachable, float)).astype(np.int64))
+        r = r[(r >= min(lo, hi)) & (r <= hi)]
+        if len(np.union1d(r, [lo, hi])) <= max(2, points):
+            return np.union1d(r, [min(lo, hi), hi])
+    return np.unique(np.round(np.linspace(min(lo, hi), hi, max(2, points))).astype(np.int64))
+
+
+def build_latency_model(model: nn.Module, example: Tensor, cost: CostModel, *, low_policy: Sequence[float],
+                        batch: int = 1, repeats: int = 10, warmup: int = 3, points: int = 6,
+                        device: torch.device | str = "cpu") -> LatencyModel:
+    """Time every Conv2d / Linear of ``model`` (a copy, on ``device``) at its candidate widths: the lookup table.
+
+    Widths range from those of ``low_policy`` (the narrowest the search allows) to full, at
+    most ``points`` per dimension; ``batch`` samples of ``example``'s shape per call.
+    """
+    start = time.perf_counter()
+    net = copy.deepcopy(model).to(device).eval()
+    p = next(net.parameters(), None)
+    dtype = p.dtype if p is not None else torch.float32
+    x1 = example[:1].to(device=device, dtype=dtype)
+    trace = _trace_layers(net, x1)
+    mods = dict(net.named_modules())
+    low = np.asarray(low_policy, float)
+    lo_in, lo_out = cost.widths(cost.counts(low))
+    full_in, full_out = cost.widths(cost.counts([1.0] * cost.n_groups))
+    sweep = [cost.widths(cost.counts(low + t * (1 - low))) for t in np.linspace(0, 1, 257)]  # uniform policies
+    reach_in, reach_out = np.array([w[0] for w in sweep]), np.array([w[1] for w in sweep])
+    gen = torch.Generator().manual_seed(0)
+    entries: list[LatencyEntry] = []
+    timings = 0
+    for k, name in enumerate(cost.names):
+        kind = cost.types[k]
+        if kind not in ("conv", "dwconv", "linear") or name not in trace:
+            continue
+        in_shape, calls, extras = trace[name]
+        if cost.out_item[k] >= 0:
+            cout = width_grid(lo_out[k], full_out[k], points, reach_out[:, k])
+        else:
+            cout = np.array([int(full_out[k])])
+        if kind == "dwconv":
+            cin = np.array([1])
+        elif cost.in_item[k] >= 0:
+            cin = width_grid(lo_in[k], full_in[k], points, reach_in[:, k])
+        else:
+            cin = np.array([int(full_in[k])])
+        table = np.zeros((len(cin), len(cout)))
+        for i, ci in enumerate(cin):
+            cases = []
+            for co in cout:
+                layer = _fresh_layer(mods[name], kind, int(ci), int(co), extras)
+                if kind == "linear":
+                    shape = (batch, *in_shape[:-1], int(ci))
+                else:
+                    shape = (batch, int(co) if kind == "dwconv" else int(ci), *in_shape[1:])
+                cases.append((layer, torch.randn(shape, generator=gen).to(device=device, dtype=dtype)))
+            table[i] = time_cases(cases, warmup=warmup, repeats=repeats)
+            timings += len(cases)
+        table = monotone_table(table)
+        entries.append(LatencyEntry(name, k, calls, cin.astype(float), cout.astype(float), table,
+                                    [n for n, m in net.named_modules() if any(m is e for e in extras)]))
+    xb = torch.randn((batch, *example.shape[1:]), generator=gen).to(device=device, dtype=dtype)
+    (measured,) = time_cases([(net, xb)], warmup=warmup, repeats=repeats)
+    timed = sum(e.calls * float(e.table[-1, -1]) for e in entries)
+    meta = {"batch": batch, "threads": torch.get_num_threads(), "device": str(torch.device(device)),
+            "repeats": repeats, "points": points, "layers": len(entries), "timings": timings,
+            "build_seconds": time.perf_counter() - start}
+    return LatencyModel(cost, entries, max(0.0, measured - timed), measured_full=measured, meta=meta)
+
+
