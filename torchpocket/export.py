@@ -162,13 +162,13 @@ def export_int8_onnx(model: nn.Module, path: str | os.PathLike, input_shape: tup
                      opset: int = 17) -> Path:
     """Write a ``uniform-quant`` model as an 8-bit ONNX QDQ graph that carries the scales it was trained with.
 
-    The fake-quant model becomes :func:`torchpocket.learners._quant.deploy_module` (batch-norm folded into
+    The fake-quant model becomes :func:`torchpocket.learners._quant_deploy.deploy_module` (batch-norm folded into
     the per-channel weight scales), is exported with the TorchScript exporter (its fake-quant ops become
     QuantizeLinear / DequantizeLinear pairs), and :func:`finalize_qdq` stores every weight as an int8
     initializer and every bias as int32 (scale = input scale x weight scale), the form ONNX Runtime fuses
     into QLinearConv / QGemm / QLinearAdd kernels. No re-calibration: the deployed model is the trained one.
     """
-    from torchpocket.learners._quant import deploy_module
+    from torchpocket.learners._quant_deploy import deploy_module
 
     path = Path(path)
     dep = deploy_module(model)

@@ -19,15 +19,8 @@ from torchpocket.datasets import DATASETS
 from torchpocket.errors import UnsupportedModel, UserError
 from torchpocket.export import export_int8_onnx, onnx_predict
 from torchpocket.learners import create_learner
-from torchpocket.learners._quant import (
-    ActQuant,
-    QuantConfig,
-    act_quantizers,
-    deploy_module,
-    fake_quant_weight,
-    float_model,
-    weight_codes,
-)
+from torchpocket.learners._quant import ActQuant, QuantConfig, act_quantizers, fake_quant_weight, weight_codes
+from torchpocket.learners._quant_deploy import deploy_module, float_model
 from torchpocket.learners.training import TrainConfig
 from torchpocket.nets import create_net
 
@@ -298,7 +291,7 @@ def test_low_bit_activations_export_inside_the_uint8_grid(tmp_path: Path) -> Non
 
 
 def test_bias_grid_simulates_the_integer_bias_in_eval_only() -> None:
-    from torchpocket.learners._quant import BiasGrid
+    from torchpocket.learners._quant_fx import BiasGrid
 
     _, _, cand = compressed(4, act_bits=4)  # coarse activations: a coarse int32 bias grid
     grids = [m for m in cand.modules() if isinstance(m, BiasGrid)]

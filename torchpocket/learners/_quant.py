@@ -9,29 +9,22 @@
   activations per tensor, asymmetric (``uint``), range observed as an exponential moving average
   and nudged so that 0 is exact; rounding with the straight-through estimator
   (``torch.fake_quantize_*``: gradient 1 inside the range, 0 outside);
-* placement of the activation quantizers with ``torch.fx`` at the points an integer runtime needs
-  them: the input of every quantized layer, the end of every ``conv -> [bn] -> [relu]`` unit and of
-  every residual ``add -> [relu]``, so that each convolution reads and writes 8-bit tensors; and, in
-  eval mode, the int32 grid (``input scale x weight scale``) of every folded bias (:class:`BiasGrid`),
-  so the fake-quant model computes what the integer model computes;
-* :func:`deploy_module`: the same network for ONNX export as a QDQ graph that carries the learned
-  scales: batch-norm folded into the per-channel weight scales (exact, because per-channel symmetric
-  quantization commutes with a per-channel factor), int8 weights, uint8 activations;
 * :func:`weight_codes`: the integer code of every quantized weight (what the tests count).
+
+Where the activation quantizers go is :mod:`~torchpocket.learners._quant_fx`; the network for
+ONNX export is :mod:`~torchpocket.learners._quant_deploy`.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from torchpocket.errors import UnsupportedModel, UserError
 from torchpocket.learners._layers import weight_layers as quant_layers
@@ -286,150 +279,6 @@ class ActQuant(nn.Module):
         return f"bits={self.bits}"
 
 
-# -- activation quantizer placement (torch.fx) ----------------------------------------------------
-
-_RELU_FUNCS = (F.relu, torch.relu, torch.relu_)
-_ADD_FUNCS = (operator.add, operator.iadd, torch.add)
-
-
-def _is_relu(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(mods.get(str(node.target)), (nn.ReLU, nn.ReLU6))
-    if node.op == "call_function":
-        return node.target in _RELU_FUNCS
-    return node.op == "call_method" and node.target in ("relu", "relu_")
-
-
-def _is_bn(node: fx.Node, mods: dict[str, nn.Module]) -> bool:
-    return node.op == "call_module" and isinstance(mods.get(str(node.target)), nn.BatchNorm2d)
-
-
-def _is_add(node: fx.Node) -> bool:
-    if node.op == "call_function" and node.target in _ADD_FUNCS:
-        return sum(isinstance(a, fx.Node) for a in node.args) == 2
-    return node.op == "call_method" and node.target in ("add", "add_")
-
-
-def _unit_end(node: fx.Node, mods: dict[str, nn.Module], *, through_bn: bool) -> fx.Node:
-    """Follow ``node`` through a single-user batch-norm (conv units) and then a ReLU."""
-    end = node
-    if through_bn and len(end.users) == 1:
-        (u,) = end.users
-        if _is_bn(u, mods):
-            end = u
-    if len(end.users) == 1:
-        (u,) = end.users
-        if _is_relu(u, mods):
-            end = u
-    return end
-
-
-def trace(model: nn.Module) -> fx.GraphModule:
-    """``torch.fx`` graph of ``model``; a model fx cannot trace is an :class:`UnsupportedModel`."""
-    try:
-        return fx.symbolic_trace(model)
-    except Exception as e:  # noqa: BLE001 - any tracing failure: data-dependent control flow, etc.
-        msg = " ".join(str(e).split())[:200]
-        raise UnsupportedModel(f"uniform-quant places activation quantizers with torch.fx, which cannot trace "
-                               f"this model ({type(e).__name__}: {msg})") from None
-
-
-def insert_act_quant(gm: fx.GraphModule, layers: Iterable[str], *, bits: int, ema: float) -> list[str]:
-    """Add an :class:`ActQuant` after every tensor an integer runtime would hold in 8 bits; returns their names.
-
-    Quantized: the input of each layer in ``layers``, the end of each ``layer -> [bn] -> [relu]`` unit and
-    of each ``add -> [relu]``; never a graph output (the logits stay float). Deterministic in the graph order.
-    """
-    mods = dict(gm.named_modules())
-    wanted = set(layers)
-    points: dict[fx.Node, None] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and str(node.target) in wanted:
-            src = node.args[0]
-            if isinstance(src, fx.Node):
-                points[src] = None
-            points[_unit_end(node, mods, through_bn=True)] = None
-        elif _is_add(node):
-            points[_unit_end(node, mods, through_bn=False)] = None
-    names = []
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for node in sorted(points, key=order.__getitem__):
-        if any(u.op == "output" for u in node.users):
-            continue
-        names.append(_insert_after(gm, node, f"act_quant_{len(names)}", ActQuant(bits, ema=ema)))
-    gm.graph.lint()
-    gm.recompile()
-    return names
-
-
-def _insert_after(gm: fx.GraphModule, node: fx.Node, name: str, module: nn.Module) -> str:
-    """Add ``module`` as ``name`` and route every use of ``node``'s output through it; returns ``name``."""
-    gm.add_submodule(name, module)
-    with gm.graph.inserting_after(node):
-        new = gm.graph.call_module(name, (node,))
-    node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
-    return name
-
-
-class BiasGrid(nn.Module):
-    """In eval mode, puts a quantized layer's (batch-norm-folded) bias on the int32 grid of the integer model.
-
-    An integer runtime adds each output channel's bias as an int32 on the grid ``input scale x weight scale``
-    (times ``|gamma / sigma|`` once batch-norm is folded). The QAT graph keeps batch-norm unfolded, so this
-    module adds the rounding error of that bias after the layer (or its batch-norm) at evaluation; training
-    is untouched. It holds its layer, batch-norm and input quantizer by reference (not as submodules).
-    """
-
-    def __init__(self, layer: nn.Module, bn: nn.BatchNorm2d | None, quant: ActQuant) -> None:
-        super().__init__()
-        object.__setattr__(self, "_refs", (layer, bn, quant))
-        self.enabled = True
-
-    def offset(self) -> Tensor:
-        layer, bn, quant = self._refs
-        w = layer.weight
-        out = w.shape[0]
-        b = layer.bias.detach().float() if layer.bias is not None else torch.zeros(out, device=w.device)
-        grid = layer.quant_scale().to(w.device) * quant.qparams()[0]
-        if bn is not None:
-            f = (bn.weight.detach() if bn.affine else torch.ones(out, device=w.device)) / torch.sqrt(
-                bn.running_var + bn.eps)
-            b = (b - bn.running_mean) * f + (bn.bias.detach() if bn.affine else 0.0)
-            grid = grid * f.abs()
-        grid = grid.clamp_min(1e-30)
-        return torch.round(b / grid) * grid - b
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.training or not self.enabled or int(self._refs[2].seen) == 0:
-            return x
-        d = self.offset().to(x.dtype)
-        return x + (d.reshape(1, -1, *([1] * (x.dim() - 2))) if x.dim() > 2 else d)
-
-
-def insert_bias_grids(gm: fx.GraphModule) -> list[str]:
-    """Add a :class:`BiasGrid` after every fake-quant layer whose input is quantized (after its batch-norm)."""
-    mods = dict(gm.named_modules())
-    names = []
-    for node in list(gm.graph.nodes):
-        layer = mods.get(str(node.target)) if node.op == "call_module" else None
-        if not isinstance(layer, (QConv2d, QLinear)):
-            continue
-        src = node.args[0]
-        quant = mods.get(str(src.target)) if isinstance(src, fx.Node) and src.op == "call_module" else None
-        if not isinstance(quant, ActQuant):
-            continue
-        end, bn = node, None
-        users = list(node.users)
-        if isinstance(layer, QConv2d) and len(users) == 1 and _is_bn(users[0], mods):
-            end, bn = users[0], mods[str(users[0].target)]
-            if not (bn.track_running_stats and bn.running_var is not None):
-                continue
-        names.append(_insert_after(gm, end, f"bias_grid_{len(names)}", BiasGrid(layer, bn, quant)))
-    gm.graph.lint()
-    gm.recompile()
-    return names
-
-
 def act_quantizers(model: nn.Module) -> dict[str, ActQuant]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ActQuant)}
 
@@ -461,111 +310,3 @@ def weight_codes(model: nn.Module) -> dict[str, tuple[Tensor, int]]:
             and callable(m.weight_codes)}
 
 
-# -- deployment: QDQ-exportable module with batch-norm folded -------------------------------------
-
-
-class _DeployLayer(nn.Module):
-    """Folded weight, bias and per-channel scale as buffers; the weight is fake-quantized to int8 in forward."""
-
-    def __init__(self, weight: Tensor, bias: Tensor, scale: Tensor) -> None:
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-        self.register_buffer("scale", scale)
-
-    def int8_weight(self) -> Tensor:
-        zp = torch.zeros(self.weight.shape[0], dtype=torch.int32)
-        return torch.fake_quantize_per_channel_affine(self.weight, self.scale, zp, 0, -128, 127)
-
-
-class _DeployConv(_DeployLayer):
-    def __init__(self, conv: nn.Conv2d, weight: Tensor, bias: Tensor, scale: Tensor) -> None:
-        super().__init__(weight, bias, scale)
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.int8_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-
-class _DeployLinear(_DeployLayer):
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.int8_weight(), self.bias)
-
-
-@torch.no_grad()
-def deploy_module(model: nn.Module) -> fx.GraphModule:
-    """A copy of a ``uniform-quant`` model for int8 ONNX export (CPU, eval mode).
-
-    Each fake-quant Conv2d followed by a BatchNorm2d (its only user) is folded: with ``f = gamma / sqrt(var +
-    eps)`` the weight becomes ``W_q * f`` and its per-channel scale ``s * |f|``, so the int8 codes stay the
-    trained ones; the bias becomes ``(b - mean) * f + beta``. Weights export as int8 per-channel
-    QuantizeLinear / DequantizeLinear, activations as uint8 pairs with the observed scales.
-    """
-    if not isinstance(model, fx.GraphModule) or not act_quantizers(model):
-        raise UserError("the int8 ONNX export needs a uniform-quant model with activation quantizers "
-                        "(--act-bits > 0)")
-    gm = copy.deepcopy(model).cpu().eval()
-    gm.to(memory_format=torch.contiguous_format)
-    mods = dict(gm.named_modules())
-    for node in list(gm.graph.nodes):
-        m = mods.get(str(node.target)) if node.op == "call_module" else None
-        if isinstance(m, ActQuant):
-            m.deploy = True
-        if isinstance(m, BiasGrid):  # the exported int32 bias does this rounding
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-            continue
-        if not isinstance(m, (QConv2d, QLinear)):
-            continue
-        w = m.quantized_weight().detach().float()
-        s = m.quant_scale()
-        out = w.shape[0]
-        b = m.bias.detach().float() if m.bias is not None else torch.zeros(out)
-        if isinstance(m, QConv2d):
-            users = list(node.users)
-            bn = mods.get(str(users[0].target)) if len(users) == 1 and _is_bn(users[0], mods) else None
-            if isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and bn.running_var is not None:
-                f = (bn.weight if bn.affine else torch.ones(out)) / torch.sqrt(bn.running_var + bn.eps)
-                beta = bn.bias if bn.affine else torch.zeros(out)
-                w = w * f.reshape(-1, 1, 1, 1)
-                b = (b - bn.running_mean) * f + beta
-                s = s * f.abs()
-                users[0].replace_all_uses_with(node)
-                gm.graph.erase_node(users[0])
-            new: nn.Module = _DeployConv(m, w.contiguous(), b.float(), s.float().clamp_min(1e-12))
-        else:
-            new = _DeployLinear(w.contiguous(), b.float(), s.float())
-        _set_submodule(gm, str(node.target), new)
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    gm.delete_all_unused_submodules()
-    return gm
-
-
-def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent_name, _, attr = path.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, new)
-
-
-@torch.no_grad()
-def float_model(model: nn.Module) -> nn.Module:
-    """The same network in fp32: quantized weights baked in as floats, activation quantizers removed.
-
-    This is what ``model.onnx`` holds for a uniform-quant run: the fp32 reference the int8 model is
-    timed against in the same runtime.
-    """
-    new = copy.deepcopy(model)
-    for m in new.modules():
-        if isinstance(m, (QConv2d, QLinear)):
-            w = m.quantized_weight().detach()
-            m.__class__ = nn.Conv2d if isinstance(m, QConv2d) else nn.Linear
-            del m.qbits, m.qmax
-            m.weight.data.copy_(w)
-        elif isinstance(m, ActQuant):
-            m.seen.zero_()  # an observer that has seen nothing passes values through
-            m.observe = False
-        elif isinstance(m, BiasGrid):
-            m.enabled = False
-    return new.eval()

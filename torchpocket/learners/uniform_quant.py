@@ -44,13 +44,11 @@ from torchpocket.learners._quant import (
     calibrate,
     check_config,
     check_policy,
-    float_model,
-    insert_act_quant,
-    insert_bias_grids,
     quant_layers,
     quantize_weights_,
-    trace,
 )
+from torchpocket.learners._quant_deploy import float_model
+from torchpocket.learners._quant_fx import insert_act_quant, insert_bias_grids, trace
 from torchpocket.learners.base import Learner
 from torchpocket.space import Policy, SearchSpace
 
