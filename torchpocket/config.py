@@ -66,7 +66,7 @@ class SearchConfig:
                                      "other workers' trials before its final stage")
     resume: str | None = opt(None, "run directory of a killed search: continue from its last finished trial")
     export_onnx: bool = opt(True, "write model.onnx and check it against PyTorch with ONNX Runtime")
-    latency_repeats: int = opt(20, "repeats for the latency figures in summary.json (median)")
+    latency_repeats: int = opt(20, "repeats for the latency figures in summary.json (median)", positive=True)
 
 
 CORE_SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "train": TrainConfig, "search": SearchConfig}
@@ -219,12 +219,9 @@ def validate(cfg: dict[str, dict[str, Any]]) -> None:
             auto = key in ("episodes", "val_size")  # -1 means "the default for this run"
             if nonneg and isinstance(value, (int, float)) and value < (-1 if auto else 0):
                 raise UserError(f"{section}.{key} must not be negative, got {value}")
-    positive = {("train", "batch_size"), ("search", "latency_repeats"), ("ddpg", "batch_size"),
-                ("ddpg", "memory_episodes"), ("ddpg", "hidden"), ("chn", "calib_batches")}
-    for section, key in positive:
-        if section in cfg and key in cfg[section] and cfg[section][key] <= 0:
-            flag = next(flag_of(s, f) for s, f, _ in iter_fields() if s == section and f.name == key)
-            raise UserError(f"{flag} must be positive, got {cfg[section][key]}")
+    for section, f, _ in iter_fields():
+        if f.metadata.get("positive") and section in cfg and cfg[section][f.name] <= 0:
+            raise UserError(f"{flag_of(section, f)} must be positive, got {cfg[section][f.name]}")
     for key, where in (("threads", "run"), ("reward_val_size", "search"), ("ft_steps", "search")):
         if cfg[where][key] < 0:
             raise UserError(f"--{key.replace('_', '-')} must not be negative, got {cfg[where][key]}")

@@ -10,10 +10,12 @@ from dataclasses import field
 from typing import Any
 
 
-def opt(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None) -> Any:  # noqa: A002
-    """A config field with its command-line help (and optionally its flag name and choices).
+def opt(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None,  # noqa: A002
+        positive: bool = False) -> Any:
+    """A config field with its command-line help (and optionally its flag name, its choices, and whether it must
+    be positive; ``config.validate`` checks both).
 
     Without ``flag``, a field of the ``run``, ``data``, ``train`` or ``search`` section is ``--<name>`` and a
     plug-in's field is ``--<section>-<name>`` (underscores become dashes).
     """
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "positive": positive})

@@ -61,13 +61,14 @@ class DDPGConfig:
 
     warmup: int = opt(-1, "episodes of uniform random actions before the agent learns "
                           "(-1 = 25% of the search's episodes, at least 1: AMC's 100 of 400)", flag="--ddpg-warmup")
-    hidden: int = opt(300, "units in each of the two hidden layers of the actor and the critic", flag="--ddpg-hidden")
+    hidden: int = opt(300, "units in each of the two hidden layers of the actor and the critic", flag="--ddpg-hidden",
+                      positive=True)
     lr_actor: float = opt(1e-4, "Adam learning rate of the actor", flag="--ddpg-lr-actor")
     lr_critic: float = opt(1e-3, "Adam learning rate of the critic", flag="--ddpg-lr-critic")
     tau: float = opt(0.01, "soft-update rate of the target networks", flag="--ddpg-tau")
-    batch_size: int = opt(64, "transitions per actor-critic update", flag="--ddpg-batch-size")
+    batch_size: int = opt(64, "transitions per actor-critic update", flag="--ddpg-batch-size", positive=True)
     memory_episodes: int = opt(100, "replay memory size, in episodes (AMC: 100 transitions per layer)",
-                               flag="--ddpg-memory-episodes")
+                               flag="--ddpg-memory-episodes", positive=True)
     noise_init: float = opt(0.5, "initial sigma of the truncated-normal exploration noise", flag="--ddpg-noise-init")
     noise_decay: float = opt(-1.0, "factor applied to the noise sigma after every episode past warm-up (-1 = "
                                    "AMC's 0.95, or faster when fewer learning episodes remain, so that sigma ends "

@@ -75,7 +75,7 @@ class ChnConfig:
                             flag="--cp-reconstruct")
     channel_round: int = opt(1, "keep a multiple of this many channels in every pruned layer", flag="--channel-round")
     calib_batches: int = opt(8, "training batches (of --batch-size) whose feature maps are sampled once for "
-                             "LASSO and reconstruction (AMC: 60 of 50)", flag="--calib-batches")
+                             "LASSO and reconstruction (AMC: 60 of 50)", flag="--calib-batches", positive=True)
     points_per_layer: int = opt(10, "random feature-map positions sampled per image and layer (AMC: 10)",
                                 flag="--cp-points")
     coupled: str = opt("skip", "channels tied by residual additions: leave them alone, or prune them together "

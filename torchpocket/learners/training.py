@@ -33,7 +33,7 @@ class TrainConfig:
     """The trainer's own slice of the config (section ``train``)."""
 
     epochs: int = opt(30, "training epochs (baseline training with --learner full-prec)")
-    batch_size: int = opt(128, "mini-batch size for training and fine-tuning")
+    batch_size: int = opt(128, "mini-batch size for training and fine-tuning", positive=True)
     lr: float = opt(0.1, "peak learning rate (SGD)")
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(5e-4, "L2 weight decay (not applied to biases and norm layers)")
