@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import torchpocket
 from tests.conftest import run_ok
 from torchpocket.cli import main
+from torchpocket.errors import CandidateError
 
 TINY = ["--dataset", "synthetic", "--net", "resnet20", "--learner", "chn-pruned", "--target", "0.5", "--device", "cpu",
         "--quiet", "--epochs", "1", "--retrain-epochs", "0", "--no-export-onnx", "--reward-val-size", "64",
@@ -88,7 +89,7 @@ def test_failed_candidate_is_recorded_and_search_goes_on(capsys: pytest.CaptureF
     def flaky(self: ChnPrunedLearner, model: nn.Module, policy: list[float]) -> nn.Module:
         calls["n"] += 1
         if calls["n"] == 2:
-            raise RuntimeError("simulated failure to build")
+            raise CandidateError("simulated failure to build")
         return original(self, model, policy)
 
     monkeypatch.setattr(ChnPrunedLearner, "compress", flaky)
@@ -96,6 +97,33 @@ def test_failed_candidate_is_recorded_and_search_goes_on(capsys: pytest.CaptureF
     rows = trials(run_dir)
     assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
     assert "simulated failure" in rows[1]["reason"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("a bug"), MemoryError()])
+def test_a_bug_or_out_of_memory_stops_the_run_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, error: Exception) -> None:
+    from torchpocket.learners.chn_pruned import ChnPrunedLearner
+
+    original = ChnPrunedLearner.compress
+    calls = {"n": 0}
+
+    def buggy(self: ChnPrunedLearner, model: nn.Module, policy: list[float]) -> nn.Module:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise error
+        return original(self, model, policy)
+
+    monkeypatch.setattr(ChnPrunedLearner, "compress", buggy)
+    rc = main([*TINY, "--hpo", "random", "--episodes", "3", "--out-dir", str(tmp_path)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip() and "%|" not in ln]
+    (run_dir,) = tmp_path.iterdir()
+    assert len(trials(run_dir)) == 1  # the finished trial is kept: --resume continues from it
+    if isinstance(error, MemoryError):
+        assert rc == 2 and err == [err[-1]] and "out of memory" in err[-1] and "--reward-val-size" in err[-1]
+    else:
+        assert rc == 1 and len(err) == 1 and "unexpected RuntimeError: a bug" in err[0] and "log.txt" in err[0]
+        log = (run_dir / "log.txt").read_text()
+        assert "Traceback (most recent call last)" in log and "in buggy" in log
 
 
 def test_policy_file_reapplies_a_found_policy(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import sys
 import typing
 from typing import Any, NoReturn
 
-from torchpocket.errors import UserError
+from torchpocket.errors import RunCrashed, UserError
 
 MAIN_COMMAND = "python run.py --learner chn-pruned --hpo ddpg --target 0.5"
 
@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"torchpocket: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except RunCrashed as e:
+        print(f"torchpocket: error: {e}; the traceback is in {e.log}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("torchpocket: interrupted; finished trials are kept (continue with --resume RUN_DIR)", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from torchpocket.errors import RunCrashed, UserError
 from torchpocket.utils import Tee, atomic_write_bytes, atomic_write_text
 
 
@@ -45,12 +47,19 @@ class RunDir:
 
     @contextlib.contextmanager
     def tee(self) -> Iterator[None]:
-        """Everything printed also goes to log.txt."""
+        """Everything printed also goes to log.txt; an unexpected error's traceback goes there only, and the
+        error comes out as :class:`RunCrashed` (one line for the user, pointing at the log)."""
         log = open(self.path / "log.txt", "a", buffering=1)
         out, err = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = Tee(out, log), Tee(err, log)  # type: ignore[assignment]
         try:
             yield
+        except (UserError, KeyboardInterrupt, SystemExit, RunCrashed):
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug or an environment problem: keep the traceback, say where
+            log.write("".join(traceback.format_exception(e)))
+            raise RunCrashed(f"unexpected {type(e).__name__}: {' '.join(str(e).split())[:200]}",
+                             log=str(self.path / "log.txt")) from None
         finally:
             sys.stdout, sys.stderr = out, err
             log.close()

@@ -23,7 +23,7 @@ from torch import nn
 
 from torchpocket import distributed
 from torchpocket.datasets import DataBundle, Split, TensorLoader
-from torchpocket.errors import UserError
+from torchpocket.errors import CandidateError, OutOfMemory, UserError
 from torchpocket.hpo import HPOS, Optimizer, create_optimizer
 from torchpocket.learners import Learner
 from torchpocket.learners.training import NonFiniteLoss, evaluate
@@ -99,9 +99,12 @@ def score_candidate(learner: Any, model: nn.Module, policy: list[float], val_loa
             flops = count(cand, data)[0]
         reward = compute_reward(sc["reward"], acc, flops, params)
         return {"status": "ok", "val_acc": acc, "reward": reward, "flops": flops, "params": params}
-    except (NonFiniteLoss, RuntimeError, ValueError) as e:  # diverged or failed to build: keep searching
+    except (NonFiniteLoss, CandidateError) as e:  # diverged, or this policy cannot be built: keep searching
         return {"status": "failed", "val_acc": 0.0, "reward": compute_reward(sc["reward"], 0.0, *full),
                 "reason": f"{type(e).__name__}: {e}"[:300]}
+    except (MemoryError, torch.OutOfMemoryError) as e:  # anything else is a bug: it stops the run
+        raise OutOfMemory(f"out of memory while scoring a candidate ({type(e).__name__}): lower --reward-val-size, "
+                          "--calib-batches or --batch-size (or --ft-steps 0)") from None
 
 
 class ProbeCache:
