@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import torchpocket
 from tests.conftest import run_ok
 from tests.test_pipeline import TINY, trials
+from torchpocket.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("shared_cache")
 
@@ -75,3 +76,47 @@ def test_sensitivity_probes_are_logged_cached_drawn_and_never_chosen(capsys: pyt
     rows2 = trials(again)
     assert summary(again)["search"]["cached_probes"] == len(probes)
     assert [r["val_acc"] for r in rows2 if r["kind"] == "probe"] == [r["val_acc"] for r in probes]
+
+
+def _tiny_net(out: str = "logits") -> torch.nn.Module:
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                            torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                                            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+            self.fc = torch.nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> object:
+            y = self.fc(self.body(x))
+            return {"logits": y} if out == "dict" else (y, y) if out == "tuple" else y
+
+    return Net()
+
+
+def test_compress_on_user_data_records_user_data_and_non_square_inputs(tmp_path: Path) -> None:
+    x = torch.randn(64, 1, 6, 10)  # height 6, width 10
+    data = DataLoader(TensorDataset(x, torch.randint(0, 3, (64,))), batch_size=32)
+    _, result = torchpocket.compress(_tiny_net(), data, data, learner="chn-pruned", hpo="uniform", target=0.6,
+                                     retrain_epochs=0, calib_batches=1, export_onnx=True, latency_repeats=2,
+                                     out_dir=tmp_path)
+    (run_dir,) = tmp_path.iterdir()
+    assert run_dir.name.endswith("-user-user")  # net and dataset: the user's, not the registry defaults
+    s = summary(run_dir)
+    assert s["dataset"] == "user" and s["onnx"].get("path") == "model.onnx"
+    import onnx
+
+    dims = [d.dim_value for d in onnx.load(run_dir / "model.onnx").graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [1, 6, 10]
+
+
+@pytest.mark.parametrize("out", ["tuple", "dict"])
+def test_compress_refuses_a_model_that_returns_no_tensor_in_one_line(out: str) -> None:
+    data = DataLoader(TensorDataset(torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))), batch_size=4)
+    with pytest.raises(UserError, match="forward returns (tuple|dict).*class scores"):
+        torchpocket.compress(_tiny_net(out), data, data, hpo="uniform", target=0.6)
+
+
+def test_compress_without_loaders_is_a_clear_error() -> None:
+    with pytest.raises(UserError, match="needs a training and a validation loader"):
+        torchpocket.compress(_tiny_net())

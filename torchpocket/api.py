@@ -94,8 +94,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, expect_net:
 
 def compress(
     model: nn.Module,
-    train_loader: Iterable[Any],
-    val_loader: Iterable[Any],
+    train_loader: Iterable[Any] | None = None,
+    val_loader: Iterable[Any] | None = None,
     *,
     learner: str = "chn-pruned",
     hpo: str = "ddpg",
@@ -117,7 +117,7 @@ def compress(
     from torchpocket.pipeline import RunDir, finalize, make_learner, search
 
     cfg = default_config()
-    cfg["run"].update(learner=learner, hpo=hpo, target=target, net="user", device=device, quiet=True)
+    cfg["run"].update(learner=learner, hpo=hpo, target=target, device=device, quiet=True)
     by_name = {f.name: section for section, f, _ in iter_fields()}
     nested: dict[str, dict[str, Any]] = {}
     for key, value in options.items():
@@ -125,14 +125,21 @@ def compress(
             raise UserError(f"unknown option {key!r} for compress()")
         nested.setdefault(by_name[key], {})[key] = value
     cfg = merge(cfg, nested, "compress()")
-    cfg["run"]["net"] = "resnet20"  # validate() checks a registry net name; a user model has none
-    validate(cfg)
-    cfg["run"]["net"] = None
+    validate(cfg)  # checks a registry net and dataset name: the defaults stand in for the user's
+    if train_loader is None or val_loader is None:
+        raise UserError("compress(model, train_loader, val_loader, ...) needs a training and a validation loader "
+                        "(iterables of (images, labels) batches); the search is scored on the validation one")
+    cfg["run"].update(net=None, dataset="user")
     dev = resolve_device(device)
     data = LoaderBundle(train_loader, val_loader, test_loader)
     teacher = copy.deepcopy(model).to(dev).eval()
     with torch.no_grad():
-        data.num_classes = int(teacher(next(iter(val_loader))[0][:1].to(dev)).shape[1])
+        out = teacher(next(iter(val_loader))[0][:1].to(dev))
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        what = type(out).__name__ if not isinstance(out, torch.Tensor) else f"a tensor of shape {tuple(out.shape)}"
+        raise UserError(f"the model's forward returns {what}; torchpocket needs a (batch, classes) tensor of "
+                        "class scores: wrap the model so that forward returns its logits")
+    data.num_classes = int(out.shape[1])
     learner_obj = make_learner(cfg, dev)
     rd = None
     if out_dir:
@@ -156,7 +163,7 @@ class LoaderBundle(DataBundle):
         x, y = next(iter(train_loader))
         super().__init__("user", _LoaderSplit(train_loader), _LoaderSplit(val_loader),
                          _LoaderSplit(test_loader or val_loader), in_channels=int(x.shape[1]),
-                         num_classes=0, image_size=int(x.shape[-1]))
+                         num_classes=0, image_size=int(x.shape[-1]), image_height=int(x.shape[-2]))
         self._loaders = {"train": train_loader, "val": val_loader, "test": test_loader or val_loader}
 
     def loader(self, split: str, **_: Any) -> Any:

@@ -307,7 +307,7 @@ def int8_summary(model: nn.Module, fp32_onnx: Path, data: Any, out_dir: Path, *,
     fake-quant model on the test split (warned below 99%), file sizes, and latency at batch 1 and 64
     measured round-robin in this process. A model that cannot be exported is reported, not fatal.
     """
-    shape = (data.in_channels, data.image_size, data.image_size)
+    shape = data.input_shape
     try:
         p8 = export_int8_onnx(model, out_dir / "model.int8.onnx", shape)
     except Exception as e:  # noqa: BLE001 - an unexportable op must not lose the finished run

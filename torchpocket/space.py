@@ -169,10 +169,22 @@ class Budget:
         assert len(base) == n
         return lo
 
-    def uniform(self) -> Policy:
-        """One value for every layer (within bounds) that meets the target: the classic baseline."""
-        return self.project([float(self.highs.max())] * len(self.lows)) if self.fill else self.project(
-            list(self.highs))
+    def uniform(self, *, iters: int = 60) -> Policy:
+        """One value for every layer (each clipped to its own bounds) that meets the target: the classic baseline.
+
+        The largest such value (with ``fill``; without, the upper bounds when they already meet the target).
+        A layer whose bounds exclude the value sits at its nearest bound.
+        """
+        def at(v: float) -> np.ndarray:
+            return self.clip(np.full(len(self.lows), v))
+
+        lo, hi = float(self.lows.min()), float(self.highs.max())
+        if self.satisfied(at(hi)):
+            return [float(x) for x in at(hi)]
+        for _ in range(iters):  # invariant: at(lo) satisfies (the lower bounds do), at(hi) does not
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if self.satisfied(at(mid)) else (lo, mid)
+        return [float(x) for x in at(lo)]
 
 
 @dataclass

@@ -119,3 +119,16 @@ def test_layer_costs_need_a_breakdown() -> None:
     assert sum(with_breakdown.layer_costs(p)) == pytest.approx(with_breakdown.cost(p))
     with pytest.raises(NotImplementedError):
         without.layer_costs(p)
+
+
+def test_uniform_is_one_value_when_lower_bounds_differ() -> None:
+    """Review bug: linear costs 100 / 100 / 50, lows [0.2, 0.2, 0.02], target 0.5 gave [0.522, 0.522, 0.414]."""
+    w = np.array([100.0, 100.0, 50.0])
+    b = Budget(cost_fn=lambda p: float(np.dot(w, p)), full=float(w.sum()), target=0.5, lows=[0.2, 0.2, 0.02],
+               highs=[1.0, 1.0, 1.0])
+    u = b.uniform()
+    assert u == pytest.approx([0.5, 0.5, 0.5], abs=1e-9) and b.satisfied(u)
+    tight = Budget(cost_fn=lambda p: float(np.dot(w, p)), full=float(w.sum()), target=0.17, lows=[0.2, 0.2, 0.02],
+                   highs=[1.0, 1.0, 1.0])
+    v = tight.uniform()  # below the first two lower bounds: they sit there, the third takes the rest
+    assert v[:2] == pytest.approx([0.2, 0.2]) and tight.fraction(v) == pytest.approx(0.17, abs=1e-6)

@@ -135,6 +135,12 @@ class DataBundle:
     image_size: int
     augment: Augment = field(default_factory=Augment)
     num_workers: int = 0
+    image_height: int | None = None  # None: square images (image_size x image_size)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one image: what FLOPs, latency and ONNX export are measured at."""
+        return (self.in_channels, self.image_height or self.image_size, self.image_size)
 
     def example(self) -> Tensor:
         """One training sample as a batch of one, float32 on the CPU (the shape traced for graphs and FLOPs)."""

@@ -161,7 +161,7 @@ class ProbeCache:
 
 
 def input_shape(data: DataBundle) -> tuple[int, int, int]:
-    return (data.in_channels, data.image_size, data.image_size)
+    return data.input_shape
 
 
 def count(model: nn.Module, data: DataBundle) -> tuple[float, float]:
