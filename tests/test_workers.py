@@ -48,7 +48,9 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.mark.parametrize("kind", storages())
 def test_two_workers_share_one_study(kind: str, cache: str, tmp_path: Path) -> None:
     env = {**os.environ, "TORCHPOCKET_CACHE": cache, "PYTHONPATH": str(ROOT)}
-    url = f"sqlite:///{tmp_path / 'search.db'}" if kind == "sqlite" else os.environ["TORCHPOCKET_TEST_POSTGRES"]
+    secret = "s3cret-pw"  # the loopback server trusts every local user: a password is accepted, never needed
+    url = (f"sqlite:///{tmp_path / 'search.db'}" if kind == "sqlite"
+           else os.environ["TORCHPOCKET_TEST_POSTGRES"].replace("postgres@", f"postgres:{secret}@", 1))
     study = f"workers-{uuid.uuid4().hex[:8]}"
     argv = [sys.executable, str(ROOT / "run.py"), *TINY, "--hpo", "tpe", "--episodes", str(BUDGET),
             "--storage", url, "--study-name", study]
@@ -69,6 +71,8 @@ def test_two_workers_share_one_study(kind: str, cache: str, tmp_path: Path) -> N
     assert sorted(r["trial"] for r in logged) == list(range(BUDGET))  # each trial evaluated by exactly one worker
     assert len({r["worker"] for r in logged}) == 2, "both workers should have evaluated trials"
 
+    for f in tmp_path.glob("worker*/**/*"):  # no storage password in any file of a run directory
+        assert not f.is_file() or secret.encode() not in f.read_bytes(), f
     summaries = list(tmp_path.glob("worker*/*/summary.json"))
     assert len(summaries) == 1, "the final stage runs once, in one worker"
     best = max(done, key=lambda t: t.value)

@@ -39,9 +39,11 @@ def save_model(
     ``base_arch`` chains compressions: the (learner, arch) steps that turned the
     registry net into the model this learner started from (prune, then quantize).
     """
+    from torchpocket.config import redacted
+
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_checkpoint(path, {
-        "config": config, "net": net, "in_channels": in_channels, "num_classes": num_classes,
+        "config": redacted(config), "net": net, "in_channels": in_channels, "num_classes": num_classes,
         "image_size": image_size, "learner": learner, "arch": arch or {}, "policy": policy,
         "metrics": metrics or {}, "base_arch": base_arch or [], "state_dict": state,
     })

@@ -235,3 +235,13 @@ def validate(cfg: dict[str, dict[str, Any]]) -> None:
 
 def dump_yaml(cfg: dict[str, Any]) -> str:
     return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def redacted(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config as it may be written to a file or printed: storage passwords masked."""
+    from torchpocket.utils import redact_url
+
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items()}
+    if isinstance(out.get("search"), dict) and out["search"].get("storage"):
+        out["search"]["storage"] = redact_url(out["search"]["storage"])
+    return out

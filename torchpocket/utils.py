@@ -190,3 +190,27 @@ def time_round_robin(calls: Mapping[K, Callable[[], Any]], *, warmup: int, repea
                 sync()
             times[k].append(time.perf_counter() - start)
     return {k: statistics.median(t) for k, t in times.items()}
+
+
+MASK = "***"
+
+
+def redact_url(url: str | None) -> str | None:
+    """``scheme://user:password@host/db`` with the password replaced by ``***`` (anything else unchanged)."""
+    if not url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    auth, at, host = rest.rpartition("@")
+    if not at or ":" not in auth:
+        return url
+    user = auth.split(":", 1)[0]
+    return f"{scheme}://{user}:{MASK}@{host}"
+
+
+def unmask_url(url: str | None) -> str | None:
+    """A URL whose password was redacted, without it: the driver then reads ``PGPASSWORD`` or ``~/.pgpass``."""
+    if not url or f":{MASK}@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    auth, _, host = rest.rpartition("@")
+    return f"{scheme}://{auth.split(':', 1)[0]}@{host}"

@@ -23,6 +23,7 @@ from torchpocket.hpo import register_hpo
 from torchpocket.hpo.base import JournalOptimizer
 from torchpocket.hpo.gp import one_blas_thread
 from torchpocket.space import Policy, SearchSpace
+from torchpocket.utils import redact_url
 
 if TYPE_CHECKING:
     import optuna
@@ -62,7 +63,9 @@ class OptunaOptimizer(JournalOptimizer):
                                             direction="maximize", sampler=sampler)
             except Exception as e:  # noqa: BLE001  (bad URL, missing driver, unreachable server, wrong direction...)
                 detail = (str(e).strip().splitlines() or [""])[0][:200]
-                raise UserError(f"cannot open Optuna storage {self.storage!r} (study {name!r}): "
+                url = redact_url(self.storage)
+                detail = detail.replace(self.storage, str(url)) if url else detail
+                raise UserError(f"cannot open Optuna storage {url!r} (study {name!r}): "
                                 f"{type(e).__name__}: {detail}") from None
         if not study.get_trials(deepcopy=False):  # a new study (a shared one: its first worker) starts uniform
             uniform = self.uniform_policy()
@@ -144,7 +147,7 @@ class OptunaOptimizer(JournalOptimizer):
         self._tell_trial(int(entry[0]), None if entry[1] is None else float(entry[1]))
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.journal_state(), "storage": self.storage, "study_name": self.study.study_name,
+        return {**self.journal_state(), "storage": redact_url(self.storage), "study_name": self.study.study_name,
                 "pending": [[list(p), n] for p, n in self.pending]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

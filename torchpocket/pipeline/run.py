@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from torchpocket import distributed
-from torchpocket.config import SECTIONS, dump_yaml
+from torchpocket.config import SECTIONS, dump_yaml, redacted
 from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
 from torchpocket.hpo import HPOS
@@ -22,7 +22,7 @@ from torchpocket.pipeline.baseline import load_data, resolve_baseline, train_bas
 from torchpocket.pipeline.final import finalize
 from torchpocket.pipeline.rundir import RunDir
 from torchpocket.pipeline.search import episodes_for, search
-from torchpocket.utils import atomic_write_text, resolve_device, seed_everything
+from torchpocket.utils import atomic_write_text, resolve_device, seed_everything, unmask_url
 
 
 def make_learner(cfg: dict[str, Any], device: torch.device) -> Learner:
@@ -70,7 +70,7 @@ def _run_in(run_dir: RunDir, cfg: dict[str, Any], learner: Any, data: DataBundle
     run_cfg = cfg["run"]
     with run_dir.tee():
         print(f"run directory: {run_dir.path}", flush=True)
-        atomic_write_text(run_dir.path / "config.yaml", dump_yaml(cfg))
+        atomic_write_text(run_dir.path / "config.yaml", dump_yaml(redacted(cfg)))  # no storage password
         if not learner.searchable:
             return train_baseline(learner, cfg, data, run_dir, device)
         base, info = resolve_baseline(cfg, data, device)
@@ -95,4 +95,7 @@ def _resume_config(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("quiet", "device", "threads"):
         saved["run"][key] = cfg["run"][key]
     saved["search"]["resume"] = str(d)
+    # the saved storage URL has its password masked: take the one given again, else let the driver find it
+    # (PGPASSWORD, ~/.pgpass)
+    saved["search"]["storage"] = cfg["search"]["storage"] or unmask_url(saved["search"]["storage"])
     return saved
