@@ -58,7 +58,9 @@ class SearchConfig:
     retrain_epochs: int = opt(1, "epochs of re-training (with distillation) for the best candidate")
     retrain_lr: float = opt(0.01, "peak learning rate of the re-training (cosine-decayed; the baseline's is --lr)")
     policy: str | None = opt(None, "policy.yaml to apply with --hpo none (per-layer values)")
-    storage: str | None = opt(None, "Optuna RDB URL (sqlite:///search.db, postgresql://...) shared by workers")
+    storage: str | None = opt(None, "Optuna storage shared by workers: an RDB URL (sqlite:///search.db, "
+                                    "postgresql://user@host/db, password from PGPASSWORD or ~/.pgpass) or "
+                                    "journal:///path/search.log (Optuna's JournalStorage, for one machine)")
     study_name: str | None = opt(None, "Optuna study name in --storage (default: derived from the run settings)")
     final_only: bool = opt(False, "with --storage: no search, run the final stage on the best trial stored (when "
                                   "the worker that drew the last trial died)")

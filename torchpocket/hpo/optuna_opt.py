@@ -57,16 +57,7 @@ class OptunaOptimizer(JournalOptimizer):
         if self.storage is None:
             study = optuna.create_study(sampler=sampler, direction="maximize", study_name=self.study_name)
         else:
-            name = self.study_name or DEFAULT_STUDY_NAME
-            try:
-                study = optuna.create_study(storage=self.storage, study_name=name, load_if_exists=True,
-                                            direction="maximize", sampler=sampler)
-            except Exception as e:  # noqa: BLE001  (bad URL, missing driver, unreachable server, wrong direction...)
-                detail = (str(e).strip().splitlines() or [""])[0][:200]
-                url = redact_url(self.storage)
-                detail = detail.replace(self.storage, str(url)) if url else detail
-                raise UserError(f"cannot open Optuna storage {url!r} (study {name!r}): "
-                                f"{type(e).__name__}: {detail}") from None
+            study = open_shared_study(self.storage, self.study_name or DEFAULT_STUDY_NAME, sampler, seed=self.seed)
         if not study.get_trials(deepcopy=False):  # a new study (a shared one: its first worker) starts uniform
             uniform = self.uniform_policy()
             study.enqueue_trial(dict(zip(self.space.names, uniform)), user_attrs={"kind": "uniform"})
@@ -157,6 +148,46 @@ class OptunaOptimizer(JournalOptimizer):
         # with storage the trials are already in the database: the study opened in __init__ holds them
         self.replay(state, engine=self.storage is None)
         self.pending = [([float(v) for v in p], int(n)) for p, n in state["pending"]]
+
+
+#: errors of two workers creating the same schema or study at the same instant: the loser retries
+_RACES = ("already exists", "unique constraint", "duplicate key", "integrityerror", "database is locked")
+
+
+def make_storage(url: str) -> Any:
+    """``journal:///path/file.log``: Optuna's JournalStorage on a file (what Optuna recommends for several processes
+    on one machine); anything else: an RDB URL (``sqlite:///...``, ``postgresql://...``)."""
+    from optuna.storages import RDBStorage
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    if url.startswith("journal://"):
+        return JournalStorage(JournalFileBackend(url[len("journal://"):]))
+    return RDBStorage(url)
+
+
+def open_shared_study(url: str, name: str, sampler: Any, *, seed: int, tries: int = 12) -> optuna.Study:
+    """Create or load study ``name`` in ``url``, race-free: workers started together retry with jittered backoff
+    when another one is creating the schema or the study at that instant. Anything else is one clear line."""
+    import random
+    import time
+
+    import optuna
+
+    rng = random.Random(seed)
+    for attempt in range(tries):
+        try:
+            return optuna.create_study(storage=make_storage(url), study_name=name, load_if_exists=True,
+                                       direction="maximize", sampler=sampler)
+        except Exception as e:  # noqa: BLE001  (bad URL, missing driver, unreachable server, a race...)
+            text = f"{type(e).__name__}: {e}".lower()
+            if attempt + 1 < tries and any(r in text for r in _RACES):
+                time.sleep(min(2.0, 0.05 * 2 ** attempt) * (0.5 + rng.random()))
+                continue
+            detail = (str(e).strip().splitlines() or [""])[0][:200]
+            shown = redact_url(url)
+            raise UserError(f"cannot open Optuna storage {shown!r} (study {name!r}): {type(e).__name__}: "
+                            f"{detail.replace(url, str(shown))}") from None
+    raise AssertionError("unreachable")
 
 
 @register_hpo("tpe")
