@@ -58,3 +58,86 @@ def test_workers_started_together_on_a_fresh_storage_all_work(kind: str, tmp_pat
         assert [r[0] for r in results] == ["ok"] * 4, results
         numbers = sorted(n for _, ns in results for n in ns)
         assert len(set(numbers)) == 8  # study-wide trial numbers: none handed out twice
+
+
+# -- interrupts: Ctrl-C / SIGTERM give one line and exit 130, and --resume finishes the run ---------------------
+TINY = ["--dataset", "synthetic", "--net", "resnet20", "--learner", "chn-pruned", "--target", "0.5", "--device", "cpu",
+        "--quiet", "--epochs", "1", "--no-export-onnx", "--reward-val-size", "64", "--latency-repeats", "2",
+        "--calib-batches", "2", "--threads", "1", "--hpo", "random"]
+
+
+def _start(argv: list[str], env: dict[str, str]) -> object:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.Popen([sys.executable, str(root / "run.py"), *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(pred: object, proc: object, timeout: float = 120.0) -> None:
+    import time
+
+    end = time.monotonic() + timeout
+    while not pred():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def warm_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny baseline, trained once in a subprocess and cached for every run of this module."""
+    import os
+    from pathlib import Path
+
+    root = tmp_path_factory.mktemp("interrupts")
+    env = {**os.environ, "TORCHPOCKET_CACHE": str(root / "cache"), "PYTHONPATH": str(Path(__file__).parents[1])}
+    first = _start([*TINY, "--episodes", "1", "--retrain-epochs", "0", "--out-dir", str(root / "warm")], env)
+    assert first.wait(timeout=300) == 0, first.communicate()
+    return str(root / "cache")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("when", ["search", "retrain"])
+def test_sigterm_gives_one_line_exit_130_and_resume_finishes(when: str, tmp_path: object, warm_cache: str) -> None:
+    import json
+    import os
+    import signal
+    from pathlib import Path
+
+    tmp = Path(str(tmp_path))
+    env = {**os.environ, "TORCHPOCKET_CACHE": warm_cache, "PYTHONPATH": str(Path(__file__).parents[1])}
+    episodes, retrain = (12, 1) if when == "search" else (2, 6)
+    proc = _start([*TINY, "--episodes", str(episodes), "--retrain-epochs", str(retrain), "--max-steps-per-epoch", "3",
+                   "--out-dir", str(tmp / "runs")], env)
+    runs = tmp / "runs"
+
+    def trials() -> list[dict]:
+        logs = list(runs.glob("*/trials.jsonl"))
+        return [json.loads(ln) for ln in logs[0].read_text().splitlines()] if logs else []
+
+    if when == "search":
+        _wait_for(lambda: len(trials()) >= 2, proc)
+    else:  # the search is over and its state saved: the re-train is running
+        _wait_for(lambda: len(trials()) == episodes and "best candidate" in
+                  next(runs.glob("*/log.txt")).read_text(), proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    (run_dir,) = runs.iterdir()
+    assert proc.returncode == 130 and len(lines) == 1, err
+    assert lines[0].startswith("torchpocket: interrupted after ") and f"--resume {run_dir}" in lines[0]
+    kept = trials()
+    assert not (run_dir / "summary.json").exists()
+
+    resumed = _start(["--resume", str(run_dir), "--quiet"], env)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    done = trials()
+    assert [t["trial"] for t in done] == list(range(episodes))  # none lost, none run twice
+    assert done[: len(kept)] == kept[: len(done)] or when == "search"
+    if when == "retrain":
+        assert done == kept  # the search was not repeated
+    assert json.loads((run_dir / "summary.json").read_text())["trials"] == episodes

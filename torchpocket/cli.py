@@ -7,7 +7,7 @@ import sys
 import typing
 from typing import Any, NoReturn
 
-from torchpocket.errors import RunCrashed, UserError
+from torchpocket.errors import Interrupted, RunCrashed, UserError
 
 MAIN_COMMAND = "python run.py --learner chn-pruned --hpo ddpg --target 0.5"
 
@@ -131,7 +131,20 @@ def print_list() -> None:
             )
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (a job scheduler, ``kill``) stops a run like Ctrl-C: consistent files, a resume line, exit 130."""
+    import signal
+    import threading
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _sigterm_as_interrupt()
     try:
         args = build_parser().parse_args(argv)
         if args.list:
@@ -148,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     except RunCrashed as e:
         print(f"torchpocket: error: {e}; the traceback is in {e.log}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("torchpocket: interrupted; finished trials are kept (continue with --resume RUN_DIR)", file=sys.stderr)
+    except Interrupted as e:
+        print(f"torchpocket: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before a run directory exists
+        print("torchpocket: interrupted before the run started; nothing was written", file=sys.stderr)
         return 130
 
 

@@ -27,3 +27,11 @@ class RunCrashed(Exception):
     def __init__(self, message: str, *, log: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.log, self.exit_code = log, exit_code
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during a run: the run directory is consistent and ``--resume`` continues it."""
+
+    def __init__(self, run_dir: str, trials: int) -> None:
+        super().__init__(f"interrupted after {trials} trials; resume with: python run.py --resume {run_dir}")
+        self.run_dir, self.trials = run_dir, trials

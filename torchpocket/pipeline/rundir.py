@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from torchpocket.errors import RunCrashed, UserError
+from torchpocket.errors import Interrupted, RunCrashed, UserError
 from torchpocket.utils import Tee, atomic_write_bytes, atomic_write_text
 
 
@@ -54,7 +54,10 @@ class RunDir:
         sys.stdout, sys.stderr = Tee(out, log), Tee(err, log)  # type: ignore[assignment]
         try:
             yield
-        except (UserError, KeyboardInterrupt, SystemExit, RunCrashed):
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into one): say how to go on
+            done = len(TrialLog(self.path, []).read())
+            raise Interrupted(str(self.path), done) from None
+        except (UserError, SystemExit, RunCrashed, Interrupted):
             raise
         except Exception as e:  # noqa: BLE001 - a bug or an environment problem: keep the traceback, say where
             log.write("".join(traceback.format_exception(e)))
