@@ -190,3 +190,14 @@ def test_python_api_compresses_a_user_model(tmp_path: Path) -> None:
     assert json.loads((run_dir / "summary.json").read_text())["flops_ratio"] <= 0.6 + 1e-6
     rebuilt = torchpocket.load(run_dir / "model.pt", model=UserNet())
     torch.testing.assert_close(rebuilt(x[:4]), small.eval()(x[:4]))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign"])
+def test_a_damaged_search_state_is_one_line_naming_the_file(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                            damage: str) -> None:
+    run_dir = run_ok(capsys, *TINY, "--hpo", "random", "--episodes", "2", "--out-dir", str(tmp_path))
+    state = run_dir / "search_state.pt"
+    state.write_bytes(state.read_bytes()[:40] if damage == "truncated" else b"not a torch file\n")
+    rc = main(["--resume", str(run_dir), "--quiet"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and str(state) in err[0] and "cannot be resumed" in err[0]

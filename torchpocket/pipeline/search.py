@@ -219,7 +219,11 @@ class Search:
             return
         done = 0
         if self.state_path.exists():  # no state yet: killed during the first trial, start over
-            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - truncated, foreign or not a torch file
+                raise UserError(f"cannot read {self.state_path} ({type(e).__name__}: {str(e)[:120]}): this search "
+                                "cannot be resumed; start a new run (the finished trials are in trials.csv)") from None
             self.optimizer.load_state_dict(state["optimizer"])
             done = state["trials"]
         self.trials = self.log.read()[:done]
