@@ -109,7 +109,7 @@ def test_sigterm_gives_one_line_exit_130_and_resume_finishes(when: str, tmp_path
 
     tmp = Path(str(tmp_path))
     env = {**os.environ, "TORCHPOCKET_CACHE": warm_cache, "PYTHONPATH": str(Path(__file__).parents[1])}
-    episodes, retrain = (12, 1) if when == "search" else (2, 6)
+    episodes, retrain = (12, 1) if when == "search" else (2, 4)
     proc = _start([*TINY, "--episodes", str(episodes), "--retrain-epochs", str(retrain), "--max-steps-per-epoch", "3",
                    "--out-dir", str(tmp / "runs")], env)
     runs = tmp / "runs"
