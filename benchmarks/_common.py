@@ -35,6 +35,7 @@ from torchpocket.hpo import HPOS
 from torchpocket.learners.training import evaluate
 from torchpocket.pipeline import SearchResult, load_data, make_learner, resolve_baseline, search
 from torchpocket.pipeline import reward_loader as pipeline_reward_loader
+from torchpocket.pipeline.final import retrain
 from torchpocket.profile import profile_model
 from torchpocket.utils import machine_description, resolve_device, seed_everything
 
@@ -286,13 +287,10 @@ class Bench:
         ``after(model, run)``: called with the re-trained model (e.g. to export it and record its size)."""
         learner = self.learner(run.seed, **chn)
         seed_everything(run.seed)
-        final = learner.compress(self.base, run.result.best_policy).to(self.device)
-        t0 = time.perf_counter()
-        if self.args.retrain_epochs:
-            learner.retrain(final, teacher=self.base, epochs=self.args.retrain_epochs,
-                            lr=self.cfg["search"]["retrain_lr"])
-        run.retrain_s = time.perf_counter() - t0
-        final.to(memory_format=torch.contiguous_format)
+        with contextlib.nullcontext() if self.args.verbose else contextlib.redirect_stdout(io.StringIO()):
+            final, _, _, run.retrain_s = retrain(learner, self.base, run.result.best_policy, self.data,
+                                                 epochs=self.args.retrain_epochs, lr=self.cfg["search"]["retrain_lr"],
+                                                 device=self.device)
         run.test_acc = evaluate(final, self.data.loader("test", batch_size=500), device=self.device)
         prof = profile_model(final, self.input_shape)
         run.flops_kept, run.params_kept = prof.flops / self.base_flops, prof.params / self.base_params

@@ -15,17 +15,18 @@ cell (``--policy-from CELL_DIR``).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from _common import add_common_args, emit, header, main_guard, md_table, pm, setup
 
 from torchpocket.errors import UserError
 from torchpocket.learners.training import evaluate
+from torchpocket.pipeline.final import retrain
 from torchpocket.profile import profile_model
 from torchpocket.utils import atomic_write_text, seed_everything
 
@@ -38,17 +39,16 @@ def run_cell(bench: Any, *, select: str, reconstruct: bool, lr: float, policy: l
     space = learner.search_space(bench.base, target)
     p = policy if policy is not None else space.budget.uniform()
     seed_everything(seed)
-    final = learner.compress(bench.base, p).to(bench.device)
-    val_before = bench.reward_acc(final)
-    t0 = time.perf_counter()
-    history = learner.retrain(final, teacher=bench.base, epochs=bench.args.retrain_epochs, lr=lr)
-    final.to(memory_format=torch.contiguous_format)
+    val_before = bench.reward_acc(learner.compress(bench.base, p).to(bench.device))
+    with contextlib.redirect_stdout(io.StringIO()):
+        final, _, history, secs = retrain(learner, bench.base, p, bench.data, epochs=bench.args.retrain_epochs,
+                                          lr=lr, device=bench.device)
     test = evaluate(final, bench.data.loader("test", batch_size=500), device=bench.device)
     prof = profile_model(final, bench.input_shape)
     return {"select": select, "reconstruct": reconstruct, "retrain_lr": lr, "seed": seed, "target": target,
             "policy": [float(v) for v in p], "policy_source": "uniform" if policy is None else "search",
             "val_before": val_before, "val_after": history[-1]["val_acc"] if history else val_before,
-            "test_acc": test, "flops_kept": prof.flops / bench.base_flops, "retrain_s": time.perf_counter() - t0,
+            "test_acc": test, "flops_kept": prof.flops / bench.base_flops, "retrain_s": secs,
             "retrain_epochs": bench.args.retrain_epochs, "base_test": bench.base_test, "base_val": bench.base_val,
             "reward_size": bench.reward_size}
 

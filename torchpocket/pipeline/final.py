@@ -29,14 +29,8 @@ def finalize(learner: Learner, base: nn.Module, result: SearchResult | None, dat
     run, sc = cfg["run"], cfg["search"]
     seed_everything(run["seed"])
     policy = result.best_policy if result else []
-    final = learner.compress(base, policy).to(device)
-    val_before = evaluate(final, data.loader("val", batch_size=500), device=device)
-    print(f"best candidate: val acc {val_before:.2f}% before re-training", flush=True)
-    t0 = time.perf_counter()
-    history = (learner.retrain(final, teacher=base, epochs=sc["retrain_epochs"], lr=sc["retrain_lr"])
-               if sc["retrain_epochs"] else [])
-    retrain_s = time.perf_counter() - t0
-    final.to(memory_format=torch.contiguous_format)
+    final, val_before, history, retrain_s = retrain(learner, base, policy, data, epochs=sc["retrain_epochs"],
+                                                    lr=sc["retrain_lr"], device=device)
     test_loader = data.loader("test", batch_size=500)
     test_final = evaluate(final, test_loader, device=device)
     test_base = evaluate(base, test_loader, device=device)
@@ -61,6 +55,21 @@ def finalize(learner: Learner, base: nn.Module, result: SearchResult | None, dat
           f"{summary['compressed']['flops'] / max(summary['baseline']['flops'], 1):.3f}  |  run directory "
           f"{run_dir.path}", flush=True)
     return summary
+
+
+def retrain(learner: Learner, base: nn.Module, policy: list[float], data: DataBundle, *, epochs: int,
+            lr: float | None, device: torch.device) -> tuple[nn.Module, float, list[dict[str, float]], float]:
+    """The chosen policy compressed and re-trained with distillation from ``base`` (the benchmarks reuse this).
+
+    Returns the model, its val acc before re-training (whole validation split), the re-train history and
+    its seconds. The test split is not read here."""
+    final = learner.compress(base, policy).to(device)
+    val_before = evaluate(final, data.loader("val", batch_size=500), device=device)
+    print(f"best candidate: val acc {val_before:.2f}% before re-training", flush=True)
+    t0 = time.perf_counter()
+    history = learner.retrain(final, teacher=base, epochs=epochs, lr=lr) if epochs else []
+    final.to(memory_format=torch.contiguous_format)
+    return final, val_before, history, time.perf_counter() - t0
 
 
 def _save(learner: Learner, final: nn.Module, policy: list[float], names: list[str], data: DataBundle,
