@@ -227,3 +227,17 @@ def test_a_projected_episode_is_stored_as_the_policy_that_is_scored(monkeypatch:
     assert space.budget.fraction(p) > 0.49
     rec = opt.pending[-1]
     assert [opt.to_value(t, u) for t, u in enumerate(rec["actions"])] == pytest.approx(p)
+
+
+def test_trial_info_reports_the_episode_noise_and_critic_loss() -> None:
+    opt = make(total=6, hidden=8, warmup=2)
+    infos = []
+    for r in (0.1, 0.2, 0.3, 0.4):
+        opt.tell(opt.ask(), r)
+        infos.append(opt.trial_info()["ddpg"])
+    assert [i["episode"] for i in infos] == [0, 1, 2, 3]
+    assert [i["warmup"] for i in infos] == [True, True, False, False]
+    assert infos[0]["critic_loss"] is None and infos[2]["critic_loss"] > 0
+    assert len(infos[3]["actions"]) == len(opt.space) and all(0 <= u <= 1 for u in infos[3]["actions"])
+    opt.tell([0.5] * len(opt.space), 0.0)  # not its episode: nothing stale is reported
+    assert opt.trial_info() == {}

@@ -82,6 +82,10 @@ class Optimizer(ABC):
         """Report the reward of a policy returned by :meth:`ask` (higher is better)."""
         self.history.append((list(policy), float(reward)))
 
+    def trial_info(self) -> dict[str, Any]:
+        """Plain-data facts about the latest told trial, logged with it in ``trials.jsonl`` (DDPG: critic loss)."""
+        return {}
+
     def uniform_policy(self) -> Policy:
         """The uniform policy at the target: the first trial of a ``seeds_uniform`` optimizer."""
         return self.space.budget.uniform()

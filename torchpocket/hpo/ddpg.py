@@ -208,6 +208,7 @@ class DDPG(Optimizer):
         self.sigma = cfg.noise_init
         self.moving_average: float | None = None
         self.pending: list[dict[str, Any]] = []  # asked, not yet told: policy, episode, states, actions
+        self._info: dict[str, Any] = {}  # the latest told episode, for trials.jsonl
 
         self.static = self._static_embedding()
         self.lows, self.highs = space.lows, space.highs
@@ -329,18 +330,27 @@ class DDPG(Optimizer):
 
     def tell(self, policy: Policy, reward: float) -> None:
         super().tell(policy, reward)
+        self._info = {}
         rec = self._take_pending(policy)
         if rec is None or not math.isfinite(reward):
             return  # not an episode of ours, or a failed candidate: nothing the critic could fit
         states, actions = rec["states"], rec["actions"]
         learn = rec["episode"] >= self.warmup
+        losses = []
         for t, (s, u) in enumerate(zip(states, actions)):
             done = t == len(states) - 1
             self.memory.append(s, u, float(reward), s if done else states[t + 1], done)
             if learn:
-                self._update()
+                losses.append(self._update())
+        self._info = {"episode": rec["episode"], "warmup": not learn, "sigma": self.sigma,
+                      "actions": [round(float(u), 6) for u in actions],
+                      "critic_loss": sum(losses) / len(losses) if losses else None}
 
-    def _update(self) -> None:
+    def trial_info(self) -> dict[str, Any]:
+        """The agent's side of the latest told episode: its actions in [0, 1], the noise, the critic's loss."""
+        return {"ddpg": dict(self._info)} if self._info else {}
+
+    def _update(self) -> float:
         cfg = self.config
         s, a, r, s2, notdone = self.memory.sample(cfg.batch_size, self.np_rng)
         mean = float(r.mean())
@@ -352,6 +362,7 @@ class DDPG(Optimizer):
         with torch.no_grad():
             target_q = r + cfg.discount * notdone * self.critic_target(s2, self.actor_target(s2))
         critic_loss = nn.functional.mse_loss(self.critic(s, a), target_q)
+        loss_value = float(critic_loss.detach())
         self.critic_optim.zero_grad()
         critic_loss.backward()
         self.critic_optim.step()
@@ -363,6 +374,7 @@ class DDPG(Optimizer):
             for tgt, src in ((self.actor_target, self.actor), (self.critic_target, self.critic)):
                 for pt, p in zip(tgt.parameters(), src.parameters()):
                     pt.mul_(1.0 - cfg.tau).add_(p, alpha=cfg.tau)
+        return loss_value
 
     # -- resume --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -253,6 +253,7 @@ class Search:
             self.optimizer.annotate(**{k: record[k] for k in ("status", "val_acc", "resource", "seconds",
                                                               "worker", "kind")})
         self.optimizer.tell(policy, record["reward"])
+        record.update(self.optimizer.trial_info())
         self.trials.append(record)
         if self.log and self.state_path is not None and is_main_process():
             self.log.append(record)
