@@ -170,6 +170,39 @@ def plot(rows: list[dict[str, Any]], plot_dir: Path) -> list[Path]:
     return paths
 
 
+def plot_ddpg(cell: Path, path: Path) -> Path | None:
+    """DDPG's diagnosis: the agent's action per layer against the episodes, and the critic's loss."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    log = cell / "trials.jsonl"
+    if not log.is_file():
+        return None
+    rows = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
+    rows = [r for r in rows if isinstance(r.get("ddpg"), dict)]
+    if not rows:
+        return None
+    fig = Figure(figsize=(8, 6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2)
+    eps = [r["ddpg"]["episode"] for r in rows]
+    n = len(rows[0]["ddpg"]["actions"])
+    for k in range(n):
+        top.plot(eps, [r["ddpg"]["actions"][k] for r in rows], lw=0.8, label=f"layer {k}")
+    top.set_ylabel("action in [0, 1] (0.5 = uniform)")
+    top.set_title(f"{cell.name}: actions per layer")
+    top.legend(fontsize=6, ncol=5)
+    loss = [(e, r["ddpg"]["critic_loss"]) for e, r in zip(eps, rows) if r["ddpg"]["critic_loss"] is not None]
+    if loss:
+        bottom.semilogy([e for e, _ in loss], [v for _, v in loss], lw=1)
+    bottom.set_xlabel("episode")
+    bottom.set_ylabel("critic loss (mean per episode)")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    fig.savefig(path)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap, optimizers=OPTIMIZERS, targets=(0.3, 0.5))
@@ -188,6 +221,10 @@ def main() -> None:
         emit(tables(rows), args.out, first=True)
         if args.plot_dir:
             print("\n".join(map(str, plot(rows, Path(args.plot_dir)))))
+            for cell in sorted(root.glob("*-ddpg-s*")):
+                made = plot_ddpg(cell, Path(args.plot_dir) / f"search-ddpg-{cell.name}.png")
+                if made:
+                    print(made)
         return
     bench = setup(args)
     emit(header("Search quality: learning curves and final models", bench), None, first=True)
