@@ -141,3 +141,41 @@ def test_sigterm_gives_one_line_exit_130_and_resume_finishes(when: str, tmp_path
     if when == "retrain":
         assert done == kept  # the search was not repeated
     assert json.loads((run_dir / "summary.json").read_text())["trials"] == episodes
+
+
+def test_checkpoints_keep_module_versions(tmp_path: object) -> None:
+    """A module whose ``_load_from_state_dict`` reads its version (as torchvision's MNASNet does) reloads."""
+    from pathlib import Path
+
+    import torch
+
+    from torchpocket.api import load, save_model
+    from torchpocket.config import default_config
+
+    class Versioned(torch.nn.Module):
+        _version = 2
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):  # noqa: ANN001, PLR0913
+            version = local_metadata.get("version", None)
+            if version not in (1, 2):
+                raise ValueError(f"version should be set to 1 or 2 instead of {version}")
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = Versioned()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.block.fc(x)
+
+    path = Path(str(tmp_path)) / "model.pt"
+    net = Net()
+    save_model(path, net, config=default_config(), net=None, in_channels=1, num_classes=3, image_size=2)
+    back = load(path, model=Net())
+    x = torch.randn(2, 4)
+    assert torch.equal(back(x), net(x))

@@ -41,12 +41,26 @@ def save_model(
     """
     from torchpocket.config import redacted
 
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    sd = model.state_dict()
+    state = {k: v.contiguous() for k, v in sd.items()}
+    # module versions (``_metadata``), which a versioned ``_load_from_state_dict`` reads (torchvision's MNASNet)
+    meta = {str(k): {str(a): b for a, b in v.items() if isinstance(b, (int, float, str, bool))}
+            for k, v in getattr(sd, "_metadata", {}).items()}
     save_checkpoint(path, {
         "config": redacted(config), "net": net, "in_channels": in_channels, "num_classes": num_classes,
         "image_size": image_size, "learner": learner, "arch": arch or {}, "policy": policy,
-        "metrics": metrics or {}, "base_arch": base_arch or [], "state_dict": state,
+        "metrics": metrics or {}, "base_arch": base_arch or [], "state_dict": state, "state_metadata": meta,
     })
+
+
+def with_metadata(state: dict[str, Any], meta: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """``state`` as an OrderedDict carrying the module versions it was saved with (``state_dict()._metadata``)."""
+    from collections import OrderedDict
+
+    out: Any = OrderedDict(state)
+    if meta:
+        out._metadata = OrderedDict((k, dict(v)) for k, v in meta.items())
+    return out
 
 
 def arch_chain(ckpt: dict[str, Any]) -> list[dict[str, Any]]:
@@ -83,7 +97,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, expect_net:
         raise UserError(f"checkpoint {path} is for net {ckpt['net']!r}, not {expect_net!r}")
     model = rebuild_architecture(model, arch_chain(ckpt))
     try:
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(with_metadata(ckpt["state_dict"], ckpt.get("state_metadata")))
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         raise UserError(
