@@ -19,7 +19,11 @@ register_net = NETS.register
 
 
 def create_net(name: str, *, in_channels: int = 3, num_classes: int = 10, **kwargs: Any) -> nn.Module:
-    """Build a registered net (or ``tv:<name>``) by its CLI name."""
+    """Build a registered net (or ``tv:<name>``, or the user's ``file.py:fn`` / ``module:fn``) by its CLI name."""
+    from torchpocket.nets.user import create_user_net, is_user_net
+
+    if is_user_net(name):
+        return create_user_net(name, in_channels=in_channels, num_classes=num_classes, **kwargs)
     if name.startswith("tv:"):
         from torchpocket.nets.tv import create_torchvision
 
@@ -34,6 +38,11 @@ def net_names() -> list[str]:
 
 def check_net_name(name: str) -> None:
     """Raise :class:`UserError` if ``name`` is not a buildable net."""
+    from torchpocket.nets.user import is_user_net, user_net_factory
+
+    if is_user_net(name):
+        user_net_factory(name)
+        return
     if name.startswith("tv:"):
         from torchpocket.nets.tv import torchvision_names
 

@@ -49,11 +49,16 @@ def baseline_cache_path(cfg: dict[str, Any]) -> Path:
                       "val_size": cfg["data"]["val_size"]}, sort_keys=True)
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
     root = Path(os.environ.get("TORCHPOCKET_CACHE", Path.home() / ".cache" / "torchpocket")) / "baselines"
-    return root / f"{run['net'].replace(':', '-')}-{run['dataset']}-s{run['seed']}-{digest}.pt"
+    return root / f"{safe_name(run['net'])}-{run['dataset']}-s{run['seed']}-{digest}.pt"
+
+
+def safe_name(net: str) -> str:
+    """A net name as one file-name component (``tv:resnet18`` -> ``tv-resnet18``, ``a/m.py:f`` -> ``a-m.py-f``)."""
+    return "".join(c if c.isalnum() or c in "._" else "-" for c in net).strip("-")
 
 
 def shipped_baseline(net: str, dataset: str) -> Path | None:
-    p = SHIPPED_DIR / f"{net.replace(':', '-')}-{dataset}.pt"
+    p = SHIPPED_DIR / f"{safe_name(net)}-{dataset}.pt"
     return p if p.is_file() else None
 
 
