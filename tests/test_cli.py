@@ -111,8 +111,11 @@ def test_bad_checkpoints(capsys: pytest.CaptureFixture[str], tmp_path: Path, len
     truncated.write_bytes(lenet_ckpt.read_bytes()[:1000])
     assert_user_error(capsys, *QUICK, "--init", str(truncated), expect="cannot be read")
     other = tmp_path / "other.pt"
-    torch.save({"weights": torch.zeros(3)}, other)
-    assert_user_error(capsys, *QUICK, "--init", str(other), expect="not a torchpocket checkpoint")
+    torch.save({"weights": torch.zeros(3)}, other)  # a state_dict, of no net we have (issue 19: state_dicts load)
+    assert_user_error(capsys, *QUICK, "--init", str(other), expect="is not a state_dict of --net")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"format": "someone-else", "epoch": 3}, foreign)
+    assert_user_error(capsys, *QUICK, "--init", str(foreign), expect="neither a torchpocket checkpoint nor a state_dict")
     assert_user_error(capsys, *QUICK[:2], "--net", "resnet20", "--init", str(lenet_ckpt), "--quiet",
                       expect="is a lenet5 checkpoint")
 

@@ -76,9 +76,10 @@ def config_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     cfg = merge(cfg, overrides, "command line")
     validate(cfg)
     if cfg["run"]["init"]:
-        from torchpocket.learners.training import load_checkpoint
+        from torchpocket.learners.training import read_model_file
 
-        saved = load_checkpoint(cfg["run"]["init"]).get("net")
+        kind, ckpt = read_model_file(cfg["run"]["init"], trust=cfg["run"]["trust_checkpoint"])
+        saved = ckpt.get("net") if kind == "torchpocket" else None
         if saved and "run.net" in vars(args) and saved != cfg["run"]["net"]:
             raise UserError(
                 f"--init {cfg['run']['init']} is a {saved} checkpoint, but --net {cfg['run']['net']} "

@@ -34,7 +34,10 @@ class RunConfig:
                                "in_channels= and num_classes=")
     dataset: str = opt("fashion-mnist", "dataset (see --list)")
     target: float = opt(1.0, "resource to keep, as a fraction of the original model's, in (0, 1]")
-    init: str | None = opt(None, "checkpoint to start from (a baseline, or a compressed run's model.pt)")
+    init: str | None = opt(None, "model to start from: a torchpocket model.pt (a baseline, or a compressed run's), "
+                                 "or a plain state_dict file for --net")
+    trust_checkpoint: bool = opt(False, "let --init read a whole model saved with torch.save(model) (unpickling it "
+                                        "runs code from the file: only for files you trust)")
     device: str = opt("auto", "auto | cpu | cuda[:N]")
     seed: int = opt(0, "random seed (search, training, data order)")
     out_dir: str = opt("runs", "parent folder of run directories")

@@ -350,3 +350,48 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a torchpocket checkpoint (no '{CHECKPOINT_FORMAT}' header)")
     return ckpt
+
+
+def _tensor_dict(obj: Any) -> dict[str, torch.Tensor] | None:
+    """``obj`` as a plain state_dict: a mapping of names to tensors, or one under a usual key."""
+    if isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
+        return dict(obj)
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict", "net"):
+            inner = _tensor_dict(obj.get(key))
+            if inner is not None:
+                return inner
+    return None
+
+
+def read_model_file(path: str | os.PathLike, *, trust: bool = False) -> tuple[str, Any]:
+    """What ``--init`` points at: ``("torchpocket", checkpoint)``, ``("state_dict", tensors)`` (a plain
+    ``torch.save(model.state_dict())``), or, only with ``trust``, ``("module", model)`` (a whole pickled
+    ``nn.Module``, which runs code from the file when it is read)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    if p.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a pickled module, a truncated file, not a torch file
+        if not trust:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise UserError(f"{path} cannot be read as weights only ({first}); if it is a whole model saved with "
+                            "torch.save(model) and you trust the file, pass --trust-checkpoint (loading it runs "
+                            "code from the file)") from None
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as e2:  # noqa: BLE001
+            raise UserError(f"checkpoint {path} cannot be read: {type(e2).__name__}: {str(e2)[:160]}") from None
+        if not isinstance(obj, nn.Module):
+            raise UserError(f"{path} holds a {type(obj).__name__}, not an nn.Module, a state_dict or a torchpocket "
+                            "checkpoint") from None
+        return "module", obj
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        return "torchpocket", obj
+    sd = _tensor_dict(obj)
+    if sd is None:
+        raise UserError(f"{path} is neither a torchpocket checkpoint nor a state_dict (a mapping of names to tensors)")
+    return "state_dict", sd

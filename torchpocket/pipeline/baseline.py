@@ -64,18 +64,14 @@ def shipped_baseline(net: str, dataset: str) -> Path | None:
 
 def resolve_baseline(cfg: dict[str, Any], data: DataBundle, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """The model a compression run starts from: --init, else the shipped checkpoint, else a cached or new baseline."""
-    from torchpocket.api import arch_chain, load, save_model
+    from torchpocket.api import load, save_model
     from torchpocket.learners.training import load_checkpoint
     from torchpocket.nets import create_net
 
     run = cfg["run"]
     if run["init"]:
-        ckpt = load_checkpoint(run["init"])
-        check_compatible(ckpt, data, run["init"])
-        model = load(run["init"])
-        run["net"] = ckpt.get("net") or run["net"]
-        print(f"starting from {run['init']} (net {run['net']}, learner {ckpt.get('learner')})", flush=True)
-        return model, {"source": str(run["init"]), "base_arch": arch_chain(ckpt)}
+        model, base_arch = init_model(cfg, data)
+        return model, {"source": str(run["init"]), "base_arch": base_arch}
     shipped = shipped_baseline(run["net"], run["dataset"])
     if shipped is not None:
         ckpt = load_checkpoint(shipped)
@@ -99,6 +95,36 @@ def resolve_baseline(cfg: dict[str, Any], data: DataBundle, device: torch.device
     return model, {"source": str(cache), "base_arch": []}
 
 
+def init_model(cfg: dict[str, Any], data: DataBundle) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """The model ``--init`` names and the compression steps it already carries: a torchpocket checkpoint, a plain
+    state_dict for ``--net``, or (``--trust-checkpoint``) a whole pickled model."""
+    from torchpocket.api import arch_chain, load
+    from torchpocket.learners.training import read_model_file
+    from torchpocket.nets import create_net
+
+    run = cfg["run"]
+    kind, obj = read_model_file(run["init"], trust=run["trust_checkpoint"])
+    if kind == "torchpocket":
+        check_compatible(obj, data, run["init"])
+        run["net"] = obj.get("net") or run["net"]
+        print(f"starting from {run['init']} (net {run['net']}, learner {obj.get('learner')})", flush=True)
+        return load(run["init"]), arch_chain(obj)
+    if kind == "state_dict":
+        model = create_net(run["net"], in_channels=data.in_channels, num_classes=data.num_classes)
+        try:
+            model.load_state_dict(obj)
+        except RuntimeError as e:
+            first = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            raise UserError(f"--init {run['init']} is not a state_dict of --net {run['net']} with "
+                            f"{data.in_channels} input channels and {data.num_classes} classes: "
+                            f"{' '.join(first[1:2] or first[:1])[:200]}") from None
+        print(f"starting from the state_dict {run['init']} (net {run['net']})", flush=True)
+        return model.eval(), []
+    run["net"] = None  # a pickled model has no registry name: load its result with torchpocket.load(model=...)
+    print(f"starting from the whole model pickled in {run['init']} ({type(obj).__name__})", flush=True)
+    return obj.eval(), []
+
+
 def check_compatible(ckpt: dict[str, Any], data: DataBundle, path: str) -> None:
     if ckpt.get("in_channels") != data.in_channels or ckpt.get("num_classes") != data.num_classes:
         raise UserError(
@@ -110,17 +136,13 @@ def check_compatible(ckpt: dict[str, Any], data: DataBundle, path: str) -> None:
 def train_baseline(learner: Any, cfg: dict[str, Any], data: DataBundle, run_dir: RunDir,
                     device: torch.device) -> dict[str, Any]:
     """``--learner full-prec``: train (or continue from --init) and write model.pt + summary.json."""
-    from torchpocket.api import arch_chain, load, save_model
-    from torchpocket.learners.training import load_checkpoint
+    from torchpocket.api import save_model
     from torchpocket.nets import create_net
 
     run, tc = cfg["run"], train_config(cfg)
     base_arch: list[dict[str, Any]] = []
     if run["init"]:  # continue training any checkpoint, a compressed one included
-        ckpt = load_checkpoint(run["init"])
-        check_compatible(ckpt, data, run["init"])
-        base_arch = arch_chain(ckpt)
-        model = load(run["init"])
+        model, base_arch = init_model(cfg, data)
     else:
         model = create_net(run["net"], in_channels=data.in_channels, num_classes=data.num_classes)
     model.to(device)
