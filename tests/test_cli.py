@@ -115,7 +115,8 @@ def test_bad_checkpoints(capsys: pytest.CaptureFixture[str], tmp_path: Path, len
     assert_user_error(capsys, *QUICK, "--init", str(other), expect="is not a state_dict of --net")
     foreign = tmp_path / "foreign.pt"
     torch.save({"format": "someone-else", "epoch": 3}, foreign)
-    assert_user_error(capsys, *QUICK, "--init", str(foreign), expect="neither a torchpocket checkpoint nor a state_dict")
+    assert_user_error(capsys, *QUICK, "--init", str(foreign),
+                      expect="neither a torchpocket checkpoint nor a state_dict")
     assert_user_error(capsys, *QUICK[:2], "--net", "resnet20", "--init", str(lenet_ckpt), "--quiet",
                       expect="is a lenet5 checkpoint")
 
