@@ -19,14 +19,16 @@ setup(
         "tqdm",
         "optuna>=3.4",
         "scikit-learn",
+        "scikit-optimize>=0.10",  # --hpo gp (archived upstream: gp falls back to Optuna's GP if it ever breaks)
+        "scipy",  # the sensitivity optimizer's integer programme (scipy.optimize.milp)
         "matplotlib",
         "torch-pruning>=1.5",
         "onnx",
         "onnxruntime",
     ],
     extras_require={
-        "gp": ["scikit-optimize>=0.10"],
-        "test": ["pytest", "pytest-timeout", "pytest-xdist", "ruff", "scikit-optimize>=0.10", "psycopg[binary]"],
+        "gp": [],  # scikit-optimize is a core dependency now; the extra stays so old install lines work
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "ruff", "psycopg[binary]"],
         "dist": ["psycopg[binary]"],  # PostgreSQL storage for parallel search workers (SQLAlchemy 2 driver)
     },
     entry_points={"console_scripts": ["torchpocket=torchpocket.cli:main"]},

@@ -349,7 +349,14 @@ def test_in_memory_study_does_not_resume_from_a_stored_one(tmp_path: Any) -> Non
         build(name, flops_space()).load_state_dict(stored.state_dict())
 
 
-def test_gp_without_scikit_optimize_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "skopt", None)  # import skopt -> ImportError
-    with pytest.raises(UserError, match=r"pip install 'torchpocket\[gp\]'"):
-        build("gp", flops_space())
+def test_gp_without_scikit_optimize_falls_back_to_optunas_gp(monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from torchpocket.hpo.optuna_opt import OptunaGPOptimizer
+
+    monkeypatch.setitem(sys.modules, "skopt", None)  # import skopt -> ImportError (not installed, or broken)
+    opt = build("gp", flops_space())
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert isinstance(opt, OptunaGPOptimizer) and len(err) == 1 and "runs Optuna's GP sampler instead" in err[0]
+    p = opt.ask()
+    assert opt.last_kind == "uniform" and flops_space().budget.satisfied(p)
+

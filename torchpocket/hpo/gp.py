@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from torchpocket.errors import UserError
 from torchpocket.hpo import register_hpo
 from torchpocket.hpo.base import JournalOptimizer
 from torchpocket.options import opt
@@ -59,6 +59,18 @@ def one_blas_thread() -> Iterator[None]:
         yield
 
 
+def skopt_problem() -> str | None:
+    """Why scikit-optimize cannot be used here (one line), or None when it can."""
+    try:
+        import skopt
+
+        with one_blas_thread():
+            skopt.Optimizer([(0.0, 1.0)], base_estimator="GP", n_initial_points=1, random_state=0).ask()
+    except Exception as e:  # noqa: BLE001 - missing, or broken by its dependencies: both mean "use the fallback"
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+    return None
+
+
 @register_hpo("gp")
 class GPOptimizer(JournalOptimizer):
     """Gaussian-process Bayesian optimisation (scikit-optimize), proposals projected onto the budget"""
@@ -68,13 +80,22 @@ class GPOptimizer(JournalOptimizer):
     Config: ClassVar[type] = GPConfig  # its config section, for the pipeline
     section: ClassVar[str] = "gp"
 
+    def __new__(cls, space: SearchSpace, **kw: Any) -> Any:
+        """scikit-optimize is archived upstream: where it cannot be used (not installed, or broken by a newer
+        numpy), ``gp`` is Optuna's GP sampler instead, with one warning line."""
+        problem = skopt_problem()
+        if cls is GPOptimizer and problem is not None:
+            from torchpocket.hpo.optuna_opt import OptunaGPOptimizer
+
+            print(f"warning: scikit-optimize cannot be used here ({problem}); --hpo gp runs Optuna's GP sampler "
+                  "instead", file=sys.stderr, flush=True)
+            return OptunaGPOptimizer(space, **{k: v for k, v in kw.items() if k != "config"})
+        return super().__new__(cls)
+
     def __init__(self, space: SearchSpace, **kw: Any) -> None:
         super().__init__(space, **kw)
-        try:
-            import skopt
-        except ImportError:
-            raise UserError("--hpo gp needs scikit-optimize: pip install 'torchpocket[gp]' "
-                            "(or pip install scikit-optimize)") from None
+        import skopt
+
         lows, highs = space.lows, space.highs
         self.free = [i for i in range(len(space)) if highs[i] > lows[i]]
         n0 = self.config.initial_points
