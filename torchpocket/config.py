@@ -50,6 +50,8 @@ class DataConfig:
     data_dir: str | None = opt(None, "folder with the dataset files (default: the dataset's usual places)")
     val_size: int = opt(-1, "images carved from train for validation, fixed seed (-1 = dataset default: 5000)")
     num_workers: int = opt(4, "loader worker processes for on-disk datasets (ImageNet)")
+    image_size: int = opt(0, "imagefolder / imagenet: images resized (shorter side) and centre-cropped to this "
+                             "size (0 = the dataset's default: 32 / 224)")
 
 
 @dataclass

@@ -14,4 +14,4 @@ def load_dataset(name: str, **kwargs: Any) -> DataBundle:
     return DATASETS.get(name)(**kwargs)
 
 
-from torchpocket.datasets import cifar, idx, imagenet, small  # noqa: E402,F401  (fill the registry)
+from torchpocket.datasets import cifar, files, idx, imagenet, small  # noqa: E402,F401  (fill the registry)

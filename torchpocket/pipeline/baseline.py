@@ -34,6 +34,8 @@ def load_data(cfg: dict[str, Any]) -> DataBundle:
     accepts = inspect.signature(DATASETS.get(run["dataset"])).parameters
     if "num_workers" in accepts:  # on-disk datasets decode in worker processes
         kw["num_workers"] = d["num_workers"]
+    if "image_size" in accepts and d["image_size"] > 0:
+        kw["image_size"] = d["image_size"]
     data = load_dataset(run["dataset"], **kw)
     print(data.sizes(), flush=True)
     return data
