@@ -74,6 +74,10 @@ def test_resume_after_kill_matches_uninterrupted_run(capsys: pytest.CaptureFixtu
     assert resumed == killed
     a, b = trials(full), trials(resumed)
     assert [r["trial"] for r in b] == list(range(6))
+    import optuna
+
+    stored = optuna.load_study(study_name="torchpocket", storage=f"sqlite:///{resumed / 'study.db'}").trials
+    assert [t.user_attrs["trial"] for t in stored] == list(range(6))  # study.db rebuilt: no trial twice
     for ra, rb in zip(a, b):
         assert rb["policy"] == pytest.approx(ra["policy"], abs=1e-9)
         assert rb["reward"] == pytest.approx(ra["reward"], abs=1e-9)

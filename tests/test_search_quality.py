@@ -120,3 +120,27 @@ def test_compress_refuses_a_model_that_returns_no_tensor_in_one_line(out: str) -
 def test_compress_without_loaders_is_a_clear_error() -> None:
     with pytest.raises(UserError, match="needs a training and a validation loader"):
         torchpocket.compress(_tiny_net())
+
+
+@pytest.mark.parametrize("hpo", ["ddpg", "sensitivity"])
+def test_every_search_leaves_an_optuna_study_in_the_run_directory(capsys: pytest.CaptureFixture[str],
+                                                                   tmp_path: Path, hpo: str) -> None:
+    import optuna
+
+    run_dir = run_ok(capsys, *TINY, "--hpo", hpo, "--episodes", "12", "--out-dir", str(tmp_path))
+    rows = trials(run_dir)
+    study = optuna.load_study(study_name="torchpocket", storage=f"sqlite:///{run_dir / 'study.db'}")
+    stored = study.get_trials(deepcopy=False)
+    assert [t.user_attrs["trial"] for t in stored] == [r["trial"] for r in rows]
+    assert [t.value for t in stored] == pytest.approx([r["reward"] for r in rows])
+    assert [t.user_attrs["kind"] for t in stored] == [r["kind"] for r in rows]
+    assert list(stored[0].params.values()) == pytest.approx(rows[0]["policy"])
+
+
+def test_dashboard_without_a_study_or_without_the_package_is_one_line(capsys: pytest.CaptureFixture[str],
+                                                                      tmp_path: Path) -> None:
+    from torchpocket.cli import main
+
+    assert main(["--dashboard", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no study.db" in err and len(err.strip().splitlines()) == 1

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", metavar="YAML", help="preset file (see configs/); flags override it")
     p.add_argument("--list", action="store_true", help="list every learner, optimizer, net and dataset, then exit")
+    p.add_argument("--dashboard", metavar="RUN_DIR", help="serve a run's study.db with optuna-dashboard on "
+                   "127.0.0.1 (pip install 'torchpocket[dashboard]'), then exit on Ctrl-C")
+    p.add_argument("--dashboard-port", type=int, default=8080, metavar="PORT", help="port of --dashboard")
     groups: dict[str, Any] = {}
     for section, f, tp in iter_fields():
         g = groups.get(section) or groups.setdefault(section, p.add_argument_group(f"{section} options"))
@@ -150,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.list:
             print_list()
+            return 0
+        if args.dashboard:
+            from torchpocket.pipeline.studylog import dashboard
+
+            dashboard(args.dashboard, port=args.dashboard_port)
             return 0
         cfg = config_from_args(args)
         from torchpocket.pipeline import run

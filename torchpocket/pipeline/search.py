@@ -29,6 +29,7 @@ from torchpocket.learners import Learner
 from torchpocket.learners.training import NonFiniteLoss, evaluate
 from torchpocket.pipeline import workers
 from torchpocket.pipeline.rundir import RunDir, TrialLog, atomic_torch_save
+from torchpocket.pipeline.studylog import StudyLog
 from torchpocket.space import SearchSpace
 from torchpocket.utils import atomic_write_text, is_main_process, progress, seed_everything
 
@@ -211,6 +212,7 @@ class Search:
     probes: ProbeCache
     log: TrialLog | None
     state_path: Path | None
+    study: StudyLog | None = None
     trials: list[dict[str, Any]] = field(default_factory=list)
 
     def resume(self) -> None:
@@ -228,6 +230,8 @@ class Search:
             done = state["trials"]
         self.trials = self.log.read()[:done]
         self.log.rewrite(self.trials)  # drop rows of a trial that was in flight
+        if self.study is not None:
+            self.study.rebuild(self.trials)
         print(f"resumed after {len(self.trials)} finished trials", flush=True)
 
     def trial(self, policy: list[float], number: int) -> dict[str, Any]:
@@ -257,6 +261,8 @@ class Search:
         self.trials.append(record)
         if self.log and self.state_path is not None and is_main_process():
             self.log.append(record)
+            if self.study is not None:
+                self.study.add(record)
             atomic_torch_save(self.state_path, {"optimizer": self.optimizer.state_dict(),
                                                 "trials": len(self.trials)})
         return record
@@ -289,7 +295,8 @@ def start_search(learner: Learner, model: nn.Module, data: DataBundle, cfg: dict
     s = Search(learner, model, data, cfg, device, space, optimizer, val_loader, full=count(model, data),
                probes=ProbeCache.for_search(model, cfg, n_val) if run_dir else ProbeCache(None),
                log=TrialLog(run_dir.path, space.names) if run_dir else None,
-               state_path=run_dir.path / "search_state.pt" if run_dir else None)
+               state_path=run_dir.path / "search_state.pt" if run_dir else None,
+               study=StudyLog(run_dir.path, space, fresh=True) if run_dir and is_main_process() else None)
     s.resume()
     base_val = evaluate(model, val_loader, device=device)
     print(f"baseline val acc on the reward split ({n_val} images): {base_val:.2f}%  |  "
