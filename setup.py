@@ -29,8 +29,8 @@ setup(
     extras_require={
         "gp": [],  # scikit-optimize is a core dependency now; the extra stays so old install lines work
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "ruff", "psycopg[binary]"],
-        "dist": ["psycopg[binary]"],
-        "dashboard": ["optuna-dashboard"],  # python run.py --dashboard runs/<run>  # PostgreSQL storage for parallel search workers (SQLAlchemy 2 driver)
+        "dist": ["psycopg[binary]"],  # PostgreSQL storage for parallel search workers (SQLAlchemy 2 driver)
+        "dashboard": ["optuna-dashboard"],  # python run.py --dashboard runs/<run>
     },
     entry_points={"console_scripts": ["torchpocket=torchpocket.cli:main"]},
 )
