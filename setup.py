@@ -31,6 +31,7 @@ setup(
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "ruff", "psycopg[binary]"],
         "dist": ["psycopg[binary]"],  # PostgreSQL storage for parallel search workers (SQLAlchemy 2 driver)
         "dashboard": ["optuna-dashboard"],  # python run.py --dashboard runs/<run>
+        "timm": ["timm"],  # --net timm:<name>
     },
     entry_points={"console_scripts": ["torchpocket=torchpocket.cli:main"]},
 )

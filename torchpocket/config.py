@@ -29,8 +29,8 @@ from torchpocket.registry import Registry
 class RunConfig:
     learner: str = opt("full-prec", "compression algorithm (see --list)")
     hpo: str = opt("none", "hyper-parameter optimizer proposing per-layer policies (see --list)")
-    net: str = opt("resnet20", "network: a registered name, tv:<torchvision model> (see --list), or your own: "
-                               "path/to/models.py:build_net or package.module:build_net, called with "
+    net: str = opt("resnet20", "network: a registered name, tv:<torchvision model> (see --list), timm:<name>, or "
+                               "your own: path/to/models.py:build_net or package.module:build_net, called with "
                                "in_channels= and num_classes=")
     dataset: str = opt("fashion-mnist", "dataset (see --list)")
     target: float = opt(1.0, "resource to keep, as a fraction of the original model's, in (0, 1]")

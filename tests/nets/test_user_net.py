@@ -72,3 +72,29 @@ def test_bad_user_nets_are_one_line_and_exit_2(capsys: pytest.CaptureFixture[str
     rc = main([*TINY, "--net", net.format(dir=models.parent), "--hpo", "uniform", "--out-dir", str(tmp_path / "r")])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(err) == 1 and expect in err[0], err
+
+
+def test_timm_nets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``timm:<name>`` builds timm's model with the dataset's channels and classes (a stand-in timm here)."""
+    import sys
+    import types
+
+    from torchpocket.errors import UserError
+    from torchpocket.nets import check_net_name, create_net
+
+    monkeypatch.setitem(sys.modules, "timm", None)
+    with pytest.raises(UserError, match=r"pip install 'torchpocket\[timm\]'"):
+        check_net_name("timm:resnet18")
+    calls = {}
+
+    def create_model(name: str, **kw: object) -> torch.nn.Module:
+        calls.update(kw, name=name)
+        return torch.nn.Linear(2, 2)
+
+    fake = types.SimpleNamespace(create_model=create_model, list_models=lambda: ["resnet18", "vit_tiny"])
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    check_net_name("timm:resnet18")
+    with pytest.raises(UserError, match="did you mean 'timm:resnet18'"):
+        check_net_name("timm:resnet19")
+    create_net("timm:resnet18", in_channels=1, num_classes=7)
+    assert calls == {"name": "resnet18", "pretrained": False, "num_classes": 7, "in_chans": 1}

@@ -24,12 +24,23 @@ def create_net(name: str, *, in_channels: int = 3, num_classes: int = 10, **kwar
 
     if is_user_net(name):
         return create_user_net(name, in_channels=in_channels, num_classes=num_classes, **kwargs)
+    if name.startswith("timm:"):
+        return _timm().create_model(name[5:], pretrained=False, num_classes=num_classes, in_chans=in_channels,
+                                    **kwargs)
     if name.startswith("tv:"):
         from torchpocket.nets.tv import create_torchvision
 
         check_net_name(name)  # an unknown tv: name is a UserError, not torchvision's ValueError
         return create_torchvision(name[3:], in_channels=in_channels, num_classes=num_classes, **kwargs)
     return NETS.get(name)(in_channels=in_channels, num_classes=num_classes, **kwargs)
+
+
+def _timm() -> Any:
+    try:
+        import timm
+    except ImportError:
+        raise UserError("timm:<name> nets need timm: pip install 'torchpocket[timm]' (or pip install timm)") from None
+    return timm
 
 
 def net_names() -> list[str]:
@@ -42,6 +53,13 @@ def check_net_name(name: str) -> None:
 
     if is_user_net(name):
         user_net_factory(name)
+        return
+    if name.startswith("timm:"):
+        valid = _timm().list_models()
+        if name[5:] not in valid:
+            close = closest(name[5:], valid)
+            raise UserError(f"unknown timm model {name!r}" + (f" (did you mean 'timm:{close}'?)" if close else "")
+                            + "; python -c 'import timm; print(timm.list_models())' lists them")
         return
     if name.startswith("tv:"):
         from torchpocket.nets.tv import torchvision_names
