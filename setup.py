@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         "gp": [],  # scikit-optimize is a core dependency now; the extra stays so old install lines work
-        "test": ["pytest", "pytest-timeout", "pytest-xdist", "ruff", "psycopg[binary]"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "ruff", "psycopg[binary]", "optuna-dashboard"],
         "dist": ["psycopg[binary]"],  # PostgreSQL storage for parallel search workers (SQLAlchemy 2 driver)
         "dashboard": ["optuna-dashboard"],  # python run.py --dashboard runs/<run>
         "timm": ["timm"],  # --net timm:<name>

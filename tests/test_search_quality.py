@@ -144,3 +144,38 @@ def test_dashboard_without_a_study_or_without_the_package_is_one_line(capsys: py
     assert main(["--dashboard", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no study.db" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.timeout(120)
+def test_dashboard_serves_the_runs_study(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """``run.py --dashboard RUN_DIR`` serves study.db with optuna-dashboard; its API reads back every trial."""
+    pytest.importorskip("optuna_dashboard")
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    run_dir = run_ok(capsys, *TINY, "--hpo", "random", "--episodes", "5", "--out-dir", str(tmp_path))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, str(root / "run.py"), "--dashboard", str(run_dir), "--dashboard-port",
+                             str(port)], env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/1", timeout=5) as r:
+                    study = json.loads(r.read())
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+                time.sleep(0.3)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert study["name"] == "torchpocket" and len(study["trials"]) == 5
