@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import functools
 from pathlib import Path
 
@@ -410,3 +411,29 @@ def test_latency_table_cached_on_disk(tmp_path: Path) -> None:
 def test_bad_latency_options_are_user_errors(option: str, value: int, match: str) -> None:
     with pytest.raises(UserError, match=match):
         ChnPrunedLearner(config=ChnConfig(resource="latency", **{option: value}))
+
+
+def test_cp_skip_freezes_layers_and_the_summary_says_which(capsys: pytest.CaptureFixture[str],
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import run_ok
+    from torchpocket.cli import main
+
+    monkeypatch.setenv("TORCHPOCKET_CACHE", str(tmp_path / "cache"))
+    tiny = ["--dataset", "synthetic", "--net", "resnet20", "--learner", "chn-pruned", "--target", "0.6", "--device",
+            "cpu", "--quiet", "--epochs", "1", "--retrain-epochs", "0", "--no-export-onnx", "--reward-val-size", "64",
+            "--latency-repeats", "2", "--calib-batches", "2"]
+    run_dir = run_ok(capsys, *tiny, "--hpo", "random", "--episodes", "4", "--cp-skip", r"layer1\..*", "layer3.2.conv2",
+                     "--out-dir", str(tmp_path / "r"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    frozen = summary["layers"]["frozen"]
+    assert sorted(frozen) == ["layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2", "layer3.2.conv2"]
+    assert len(summary["layers"]["searched"]) == 5 and summary["flops_ratio"] <= 0.6 + 1e-6
+    names = (run_dir / "trials.csv").read_text().splitlines()[0].split(",")
+    rows = [json.loads(ln) for ln in (run_dir / "trials.jsonl").read_text().splitlines()]
+    cols = [i for i, n in enumerate(names[-9:]) if n in frozen]
+    assert all(r["policy"][i] == 1.0 for r in rows for i in cols)  # the search never touched them
+    for bad, expect in ((["--cp-skip", "layer9.*"], "matches no prunable layer"),
+                        (["--cp-skip", "layer[1"], "is not a regular expression")):
+        rc = main([*tiny, "--hpo", "uniform", *bad, "--out-dir", str(tmp_path / "bad")])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert rc == 2 and len(err) == 1 and expect in err[0], err

@@ -94,6 +94,19 @@ class ChnConfig:
                                 flag="--lut-cache")
     low: float = opt(0.2, "smallest preserve ratio of a layer's input channels (AMC: 0.2)", flag="--cp-low")
     high: float = opt(1.0, "largest preserve ratio of a layer's input channels", flag="--cp-high")
+    skip: list[str] | None = opt(None, "regular expressions (each a full match) of layer names to leave unpruned: "
+                                 "the search never touches them; summary.json lists searched and frozen layers",
+                                 flag="--cp-skip")
+
+    @classmethod
+    def check(cls, cfg: dict[str, Any]) -> None:
+        import re
+
+        for pattern in cfg["chn"]["skip"] or []:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UserError(f"--cp-skip {pattern!r} is not a regular expression: {e}") from None
 
 
 @register_learner("chn-pruned")
@@ -241,13 +254,14 @@ class ChnPrunedLearner(Learner):
             raise UserError(f"chn-pruned found no prunable channels in this model ({why})")
         mods = dict(model.named_modules())
         full_flops = cost.layer_costs([1.0] * len(info.groups), "flops")
+        frozen = self.frozen_layers([g.name for g in info.groups])
         layers = []
         for i, g in enumerate(info.groups):
             geom = info.layers[g.name]
             layers.append(LayerSpec(
                 name=g.name, kind=g.kind, in_channels=g.units, out_channels=geom.out0, stride=geom.stride,
                 kernel=geom.kernel[0], params=int(sum(p.numel() for n in g.consumers for p in mods[n].parameters())),
-                flops=int(full_flops[i]), low=c.low, high=c.high,
+                flops=int(full_flops[i]), low=c.high if g.name in frozen else c.low, high=c.high,
             ))
         meta: dict[str, Any] = {"resource": res, "skipped": dict(info.skipped),
                                 "policy": "preserve ratio of each layer's input channels"}
@@ -259,9 +273,29 @@ class ChnPrunedLearner(Learner):
             cost_fn = functools.partial(cost.cost, resource=res)
             layer_cost_fn = functools.partial(cost.layer_costs, resource=res)
             full = cost.cost([1.0] * len(layers), res)
-        budget = Budget(cost_fn=cost_fn, full=full, target=target, lows=[c.low] * len(layers),
-                        highs=[c.high] * len(layers), layer_cost_fn=layer_cost_fn, fill=fill, unit=res)
+        budget = Budget(cost_fn=cost_fn, full=full, target=target, lows=[lay.low for lay in layers],
+                        highs=[lay.high for lay in layers], layer_cost_fn=layer_cost_fn, fill=fill, unit=res)
         return SearchSpace(layers, budget, meta=meta)
+
+    def frozen_layers(self, names: list[str]) -> set[str]:
+        """The layers ``--cp-skip`` leaves alone (each pattern must match at least one prunable layer)."""
+        import re
+
+        frozen: set[str] = set()
+        for pattern in self.config.skip or []:
+            hit = {n for n in names if re.fullmatch(pattern, n)}
+            if not hit:
+                shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+                raise UserError(f"--cp-skip {pattern!r} matches no prunable layer (full match); they are: {shown}")
+            frozen |= hit
+        return frozen
+
+    def layer_report(self) -> dict[str, Any]:
+        """Which layers the search decided, which were frozen by --cp-skip, and which cannot be pruned and why."""
+        names = [g.name for g in self.info.groups] if self.info else []
+        frozen = self.frozen_layers(names)
+        return {"searched": [n for n in names if n not in frozen], "frozen": {n: "--cp-skip" for n in sorted(frozen)},
+                "not_prunable": dict(self.info.skipped) if self.info else {}}
 
     # -- latency ----------------------------------------------------------------------------------
     def latency_model(self) -> LatencyModel:
@@ -323,13 +357,15 @@ class ChnPrunedLearner(Learner):
 
 
     def summary_fields(self, policy: Policy, summary: dict[str, Any]) -> dict[str, Any]:
-        """With ``--resource latency``: the lookup table's prediction beside the final model's measured latency."""
+        """The layers searched / frozen / not prunable; with ``--resource latency``, the lookup table's prediction
+        beside the final model's measured latency."""
+        out: dict[str, Any] = {"layers": self.layer_report()}
         if self.config.resource != "latency":
-            return {}
+            return out
         pred = self.latency_summary(policy)  # HAQ-style lookup table vs what the final model measures
         pred["measured_ms_b1"] = summary["compressed"]["latency_ms_b1"]
         print(f"latency: predicted {json.dumps(pred)}", flush=True)
-        return {"latency_prediction": pred}
+        return {**out, "latency_prediction": pred}
 
     def compress(self, model: nn.Module, policy: Policy) -> nn.Module:
         """A pruned copy of ``model``: selection, reconstruction, then the cut (``model`` is untouched)."""
