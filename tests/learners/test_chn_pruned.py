@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import functools
+import json
 from pathlib import Path
 
 import numpy as np
