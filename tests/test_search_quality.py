@@ -179,3 +179,12 @@ def test_dashboard_serves_the_runs_study(capsys: pytest.CaptureFixture[str], tmp
         proc.terminate()
         proc.wait(timeout=30)
     assert study["name"] == "torchpocket" and len(study["trials"]) == 5
+
+
+def test_summary_has_one_speed_block(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    run_dir = run_ok(capsys, *TINY, "--hpo", "uniform", "--export-onnx", "--out-dir", str(tmp_path))
+    speed = summary(run_dir)["speedup"]
+    for runtime in ("eager", "onnxruntime"):
+        assert set(speed[runtime]) == {"b1", "b64"} and all(v > 0 for v in speed[runtime].values())
+    assert set(speed["cpu_flags"]) >= {"avx2", "avx512f", "avx512_vnni"} and speed["threads"] >= 1
+    assert "int8" not in speed  # no integer model for a pruned fp32 network

@@ -164,6 +164,22 @@ def machine_description() -> str:
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}"
 
 
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "amx_int8", "asimd", "sve")
+
+
+def cpu_flags() -> dict[str, bool]:
+    """The CPU features int8 and fp32 kernels depend on (``/proc/cpuinfo``; all False where it is unreadable)."""
+    found: set[str] = set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith(("flags", "Features")):
+                found = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {f: f in found for f in SPEED_FLAGS}
+
+
 def time_round_robin(calls: Mapping[K, Callable[[], Any]], *, warmup: int, repeats: int,
                      sync: Callable[[], None] | None = None) -> dict[K, float]:
     """Median seconds per call of each zero-argument callable, timed round-robin in one process.

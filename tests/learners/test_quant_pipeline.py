@@ -67,6 +67,7 @@ def test_prune_then_quantize(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     assert s["baseline"]["params"] == n_small == s["compressed"]["params"]
     assert s["int8"]["size_bytes"] < 0.35 * s["int8"]["fp32_size_bytes"]
     assert s["int8"]["agreement_with_pytorch"] >= 0.97
+    assert set(s["speedup"]["int8"]) == {"b1", "b64"} and s["speedup"]["int8"]["b1"] > 0  # int8 vs fp32, one run
     model = torchpocket.load(quant / "model.pt")  # pruned, then quantized: both steps replayed
     assert sum(p.numel() for p in model.parameters()) == n_small
     ckpt = torch.load(quant / "model.pt", weights_only=True)

@@ -19,7 +19,7 @@ from torchpocket.learners import Learner
 from torchpocket.learners.training import evaluate
 from torchpocket.pipeline.rundir import RunDir
 from torchpocket.pipeline.search import SearchResult, input_shape, search_summary
-from torchpocket.utils import atomic_write_text, machine_description, seed_everything
+from torchpocket.utils import atomic_write_text, cpu_flags, machine_description, seed_everything
 
 
 def finalize(learner: Learner, base: nn.Module, result: SearchResult | None, data: DataBundle, cfg: dict[str, Any],
@@ -107,6 +107,7 @@ def summarize(learner: Learner, base: nn.Module, final: nn.Module, data: DataBun
         else None
     if onnx_path is not None:
         summary.update(learner.deploy(final, onnx_path, data, run_dir.path, repeats=reps))
+    summary["speedup"] = speed_block(base, summary, data, run_dir, onnx_path, repeats=reps)
     extra = learner.export(final, run_dir.path, torch.zeros(1, *input_shape(data)))
     if extra:
         summary["export"] = extra
@@ -134,6 +135,38 @@ def measure(base: nn.Module, final: nn.Module, data: DataBundle, cfg: dict[str, 
         "flops_ratio": pf.flops / max(pb.flops, 1), "params_ratio": pf.params / max(pb.params, 1),
         "speedup_b1": lat1["baseline"] / lat1["compressed"], "speedup_b64": lat64["baseline"] / lat64["compressed"],
     }
+
+
+def speed_block(base: nn.Module, summary: dict[str, Any], data: DataBundle, run_dir: RunDir, onnx_path: Path | None,
+                *, repeats: int) -> dict[str, Any]:
+    """Compressed vs baseline speed-ups measured in this process, medians over repeats: eager PyTorch (from the
+    latencies above), ONNX Runtime fp32 and, for an int8 model, ONNX Runtime int8 against the baseline's fp32
+    ONNX, the three runtimes' models alternated in the same rounds; plus the CPU flags and the thread count."""
+    import tempfile
+
+    b, c = summary["baseline"], summary["compressed"]
+    out: dict[str, Any] = {"eager": {"b1": b["latency_ms_b1"] / c["latency_ms_b1"],
+                                     "b64": b["latency_ms_b64"] / c["latency_ms_b64"]},
+                           "threads": torch.get_num_threads(), "cpu_flags": cpu_flags()}
+    if onnx_path is None:
+        return out
+    from torchpocket.export import compare_onnx_latency
+    from torchpocket.export import export_onnx as write_onnx
+
+    int8 = run_dir.path / "model.int8.onnx"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            paths = {"baseline": write_onnx(base, Path(tmp) / "baseline.onnx", input_shape(data)),
+                     "compressed": onnx_path, **({"int8": int8} if int8.is_file() else {})}
+        except Exception as e:  # noqa: BLE001 - the baseline may not export where the compressed model did
+            out["onnxruntime"] = {"skipped": f"baseline ONNX export: {type(e).__name__}"}
+            return out
+        for bs, key, reps in ((1, "b1", repeats), (64, "b64", max(3, repeats // 4))):
+            lat = compare_onnx_latency(paths, input_shape(data), batch_size=bs, repeats=reps)
+            out.setdefault("onnxruntime", {})[key] = lat["baseline"] / lat["compressed"]
+            if "int8" in lat:
+                out.setdefault("int8", {})[key] = lat["baseline"] / lat["int8"]
+    return out
 
 
 def export_onnx(learner: Learner, final: nn.Module, data: DataBundle, run_dir: RunDir, summary: dict[str, Any], *,
