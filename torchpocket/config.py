@@ -56,7 +56,7 @@ class DataConfig:
 
 @dataclass
 class SearchConfig:
-    episodes: int = opt(-1, "candidates to evaluate (-1 = 30 for a search, 1 with --hpo none / uniform)")
+    episodes: int = opt(-1, "candidates to evaluate (-1 = 200 for a search, 1 with --hpo none / uniform)")
     ft_steps: int = opt(0, "fast fine-tuning steps per candidate, distilled from the original (0 = AMC: none)")
     ft_lr: float = opt(0.01, "learning rate of fast fine-tuning")
     reward: str = opt("acc", "acc: -error, resource-constrained | acc-flops / acc-params: -error*log(resource), "

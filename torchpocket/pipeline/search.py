@@ -33,7 +33,7 @@ from torchpocket.pipeline.studylog import StudyLog
 from torchpocket.space import SearchSpace
 from torchpocket.utils import atomic_write_text, is_main_process, progress, seed_everything
 
-DEFAULT_EPISODES = 30
+DEFAULT_EPISODES = 200
 
 
 def compute_reward(kind: str, val_acc: float, resource_flops: float, params: float) -> float:
@@ -59,7 +59,7 @@ class SearchResult:
 
 
 def episodes_for(cfg: dict[str, Any]) -> int:
-    """Candidates to score: --episodes (default 30), capped by what the optimizer can use (uniform: 1)."""
+    """Candidates to score: --episodes (default 200), capped by what the optimizer can use (uniform: 1)."""
     from torchpocket.hpo import HPOS
 
     n = cfg["search"]["episodes"]
