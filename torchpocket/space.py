@@ -91,6 +91,14 @@ class Budget:
                 f"{floor / self.full:.3f} of its {unit}; raise --target or lower the layer bounds"
             )
 
+    @classmethod
+    def from_layers(cls, layers: Sequence[LayerSpec], layer_cost_fn: Callable[[Sequence[float]], Sequence[float]], *,
+                    full: float, target: float, fixed: float = 0.0, fill: bool = True, unit: str = "flops") -> Budget:
+        """A Budget whose cost is ``fixed`` plus the sum of per-layer costs, bounds and steps from ``layers``."""
+        return cls(cost_fn=lambda p: fixed + float(sum(layer_cost_fn(p))), full=full, target=target,
+                   lows=[lay.low for lay in layers], highs=[lay.high for lay in layers],
+                   steps=[lay.step for lay in layers], layer_cost_fn=layer_cost_fn, fill=fill, unit=unit)
+
     # -- evaluation -------------------------------------------------------------------------
     def cost(self, policy: Sequence[float]) -> float:
         return float(self.cost_fn(list(policy)))

@@ -123,9 +123,8 @@ def bits_space(model: nn.Module, target: float, *, cfg: QuantConfig, fill: bool,
     def layer_costs(p: Policy) -> list[float]:
         return [float(as_bits(b)) * n for b, n in zip(p, sizes)]
 
-    budget = Budget(cost_fn=lambda p: sum(layer_costs(p)), full=float(FP_BITS * sum(sizes)), target=target,
-                    lows=[float(lo)] * len(layers), highs=[float(hi)] * len(layers), steps=[1.0] * len(layers),
-                    layer_cost_fn=layer_costs, fill=fill, unit="bits")
+    budget = Budget.from_layers(specs, layer_costs, full=float(FP_BITS * sum(sizes)), target=target, fill=fill,
+                                unit="bits")
     return SearchSpace(specs, budget, meta={
         "resource": "bits", "measure": "weight-bits",
         "policy": "weight bit-width of each Conv2d / Linear layer (fraction of the fp32 weight bits kept)"})

@@ -298,8 +298,8 @@ class WeightSparseLearner(Learner):
         def layer_costs(p: Policy) -> list[float]:
             return [float(kept_count(d, n)) for d, n in zip(p, sizes)]
 
-        budget = Budget(cost_fn=lambda p: dense + sum(layer_costs(p)), full=dense + sum(sizes), target=target,
-                        lows=lows, highs=[1.0] * len(searched), layer_cost_fn=layer_costs, fill=fill, unit="params")
+        budget = Budget.from_layers(layers, layer_costs, fixed=dense, full=dense + sum(sizes), target=target,
+                                    fill=fill, unit="params")
         return SearchSpace(layers, budget, meta={
             "resource": "params", "measure": "nonzero-weights", "dense_layers": [n for n, _ in fixed],
             "policy": "density (fraction of weights kept) of each prunable layer"})
