@@ -300,7 +300,8 @@ def test_registered_with_config_section_and_flags() -> None:
     assert flags == {"select": "--cp-select", "reconstruct": "--cp-reconstruct", "channel_round": "--channel-round",
                      "calib_batches": "--calib-batches", "points_per_layer": "--cp-points", "coupled": "--cp-coupled",
                      "resource": "--resource", "latency_batch": "--latency-batch", "lut_repeats": "--lut-repeats",
-                     "lut_points": "--lut-points", "lut_cache": "--lut-cache", "low": "--cp-low", "high": "--cp-high"}
+                     "lut_points": "--lut-points", "lut_cache": "--lut-cache", "low": "--cp-low", "high": "--cp-high",
+                     "skip": "--cp-skip"}
     assert "latency" in next(f for f in dataclasses.fields(ChnConfig) if f.name == "resource").metadata["choices"]
     assert all(f.metadata["help"] for f in dataclasses.fields(ChnConfig))
 
