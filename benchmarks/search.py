@@ -136,6 +136,7 @@ def plot(rows: list[dict[str, Any]], plot_dir: Path) -> list[Path]:
     from matplotlib.figure import Figure
 
     paths = []
+    plot_dir.mkdir(parents=True, exist_ok=True)
     for net, res, target in sorted({(r["net"], r["resource"], r["target"]) for r in rows}):
         g = [r for r in rows if (r["net"], r["resource"], r["target"]) == (net, res, target)]
         fig = Figure(figsize=(7, 4.5), dpi=100, layout="constrained")
