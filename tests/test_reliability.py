@@ -46,7 +46,7 @@ def test_workers_started_together_on_a_fresh_storage_all_work(kind: str, tmp_pat
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    for rep in range(2):
+    for rep in range(1):  # without the retry the race showed on the first try (one repetition keeps CI short)
         url = f"sqlite:///{tmp_path}/s{rep}.db" if kind == "sqlite" else f"journal://{tmp_path}/s{rep}.log"
         barrier, out = ctx.Barrier(4), ctx.Queue()
         procs = [ctx.Process(target=_worker, args=(url, "race", i, barrier, out)) for i in range(4)]
