@@ -333,13 +333,19 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``; any unreadable file is a :class:`UserError`."""
+def existing_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, or one line saying it is missing or empty."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     if p.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty")
+    return p
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; any unreadable file is a :class:`UserError`."""
+    p = existing_file(path)
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, pickle error, arbitrary-code pickle: all user errors
@@ -368,11 +374,7 @@ def read_model_file(path: str | os.PathLike, *, trust: bool = False) -> tuple[st
     """What ``--init`` points at: ``("torchpocket", checkpoint)``, ``("state_dict", tensors)`` (a plain
     ``torch.save(model.state_dict())``), or, only with ``trust``, ``("module", model)`` (a whole pickled
     ``nn.Module``, which runs code from the file when it is read)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
-    if p.stat().st_size == 0:
-        raise UserError(f"checkpoint {path} is empty")
+    p = existing_file(path)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a pickled module, a truncated file, not a torch file
