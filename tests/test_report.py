@@ -77,3 +77,44 @@ def test_plot_ablation(tmp_path: Path, x_values: list) -> None:
             for h in ("ddpg", "tpe") for i, x in enumerate(x_values)]
     out = plot_ablation(rows, tmp_path / "plots" / "ablation.png", x="target", y="acc", hue="hpo")
     assert out == tmp_path / "plots" / "ablation.png" and _is_png(out)
+
+
+def test_report_html_is_self_contained(tmp_path: Path) -> None:
+    import base64
+    import re
+
+    trials = _trials()
+    write_report(tmp_path, trials=trials, summary={"baseline": {"test_acc": 0.9}, "compressed": {"test_acc": 0.8},
+                                                   "learner": "<chn-pruned>"},
+                 layer_names=LAYERS, best_policy=[0.5] * 4, uniform_policy=[0.4] * 4, title="net & co")
+    page = (tmp_path / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<title>net &amp; co</title>" in page
+    assert "&lt;chn-pruned&gt;" in page and "<chn-pruned>" not in page  # escaped, never markup
+    images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)">', page)
+    assert len(images) == 3  # reward, trade-off, policy: all inlined (the file names are gone)
+    for data in images:
+        assert base64.b64decode(data)[:8] == PNG_MAGIC
+    assert 'src="reward.png"' not in page and "<td class=r>0.4</td>" in page
+    assert page.count("<table>") == (tmp_path / "report.md").read_text().count("\n|---")
+
+
+def test_report_html_images_load_in_a_browser(tmp_path: Path) -> None:
+    """Headless Chromium opens report.html and every image decodes (naturalWidth > 0)."""
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium)")
+    write_report(tmp_path, trials=_trials(), summary={}, layer_names=LAYERS, best_policy=[0.5] * 4,
+                 uniform_policy=None, title="browser")
+    page = (tmp_path / "report.html").read_text()
+    probe = tmp_path / "probe.html"  # the same page, plus a script that writes how many images decoded
+    probe.write_text(page.replace("</body>", "<script>window.onload=()=>{const i=[...document.images];"
+                                  "document.body.setAttribute('data-loaded',i.filter(x=>x.naturalWidth>0).length+'/'"
+                                  "+i.length)}</script></body>"))
+    out = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                          "--disable-component-update", "--disable-sync", "--no-first-run",
+                          f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+                          probe.as_uri()], capture_output=True, text=True, timeout=120)
+    assert 'data-loaded="3/3"' in out.stdout, out.stderr[-2000:]

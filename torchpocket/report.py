@@ -1,5 +1,6 @@
-"""The run's report: ``report.md`` with a summary table, the best policy and three plots (four when the
-search probed each layer alone: the layer sensitivity chart).
+"""The run's report: ``report.md`` (and the same as one self-contained ``report.html``) with a summary
+table, the best policy and three plots (four when the search probed each layer alone: the layer
+sensitivity chart).
 
 Plots use matplotlib's object API (``Figure`` + the Agg canvas), imported inside the functions: no
 ``pyplot`` global state, no display needed, and importing torchpocket does not import matplotlib.
@@ -12,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from torchpocket.report_html import write_html
 from torchpocket.utils import atomic_write_text
 
 REWARD_PNG = "reward.png"
@@ -192,7 +194,8 @@ def _summary_tables(summary: dict[str, Any]) -> list[str]:
 
 def write_report(run_dir: Path, *, trials: list[dict[str, Any]], summary: dict[str, Any], layer_names: list[str],
                  best_policy: list[float], uniform_policy: list[float] | None, title: str) -> Path:
-    """Write ``run_dir/report.md`` and its PNGs (reward per trial, per-layer policy, resource vs accuracy).
+    """Write ``run_dir/report.md``, its PNGs (reward per trial, per-layer policy, resource vs accuracy) and
+    ``report.html`` (the same page, self-contained).
 
     ``trials`` are the pipeline's trial records (``trial``, ``optimizer``, ``policy``, ``resource``,
     ``val_acc``, ``reward``, ``seconds``, ``status``, ``reason``); a trial whose ``status`` is not ``ok``
@@ -250,6 +253,7 @@ def write_report(run_dir: Path, *, trials: list[dict[str, Any]], summary: dict[s
         lines += [f"| {t.get('trial', '?')} | {_fmt(str(t.get('reason', ''))[:200])} |" for t in failed]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
+    write_html(path)
     return path
 
 
