@@ -80,3 +80,26 @@ def test_two_workers_share_one_study(kind: str, cache: str, tmp_path: Path) -> N
     assert summary["trials"] == BUDGET
     assert summary["search"]["best_trial"] == best.number
     assert summary["search"]["best_reward"] == pytest.approx(best.value)
+
+
+@pytest.mark.timeout(420)
+def test_two_workers_share_one_pareto_study(cache: str, tmp_path: Path) -> None:
+    """--pareto with --storage: one two-objective study, the budget exactly, one front written from all trials."""
+    env = {**os.environ, "TORCHPOCKET_CACHE": cache, "PYTHONPATH": str(ROOT)}
+    url, study = f"sqlite:///{tmp_path / 'front.db'}", f"front-{uuid.uuid4().hex[:8]}"
+    argv = [sys.executable, str(ROOT / "run.py"), *TINY, "--hpo", "tpe", "--episodes", str(BUDGET), "--pareto",
+            "0.3:0.7", "--storage", url, "--study-name", study]
+    procs = [subprocess.Popen([*argv, "--seed", str(i), "--out-dir", str(tmp_path / f"worker{i}")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out
+    loaded = optuna.load_study(study_name=study, storage=url)
+    assert len(loaded.directions) == 2
+    done = [t for t in loaded.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.number for t in done) == list(range(BUDGET))
+    assert sum(t.user_attrs.get("kind") == "uniform" for t in done) == 5  # 0.3, 0.4, 0.5, 0.6, 0.7: seeded once
+    summaries = list(tmp_path.glob("worker*/*/summary.json"))
+    assert len(summaries) == 1, "the front is written once, by the worker that drew the last trial"
+    block = json.loads(summaries[0].read_text())["pareto"]
+    assert block["trials"] == BUDGET and block["front_size"] >= 1

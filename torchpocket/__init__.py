@@ -6,8 +6,8 @@ compresses a model; ``torchpocket.load(path)`` rebuilds a compressed model from 
 
 from __future__ import annotations
 
-from torchpocket.api import compress, load
+from torchpocket.api import Front, compress, load, pick
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "compress", "load"]
+__all__ = ["Front", "__version__", "compress", "load", "pick"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -119,8 +120,9 @@ def compress(
     test_loader: Iterable[Any] | None = None,
     out_dir: str | os.PathLike | None = None,
     device: str = "cpu",
+    pareto: tuple[float, float] | None = None,
     **options: Any,
-) -> tuple[nn.Module, SearchResult]:
+) -> tuple[nn.Module, SearchResult] | Front:
     """Compress a model the user defined, with their own loaders (no registry entry needed).
 
     ``learner`` / ``hpo`` are the ``--learner`` / ``--hpo`` names, ``target`` the resource to keep.
@@ -128,12 +130,21 @@ def compress(
     retrain_epochs=0, calib_batches=2, ...``). The search is scored on ``val_loader``; ``test_loader``
     (default: ``val_loader``) is read once, at the end. Returns the compressed model and the search
     result; with ``out_dir`` a run directory is written too (``model.pt``, ``summary.json``, report).
+
+    ``pareto=(lo, hi)`` searches the whole accuracy-resource front instead (``--pareto``; ``target`` is
+    ignored) and returns it as a :class:`Front`; :func:`pick` then gives the model at any resource.
     """
     from torchpocket.config import default_config, iter_fields, merge, validate
     from torchpocket.pipeline import RunDir, finalize, make_learner, search
 
     cfg = default_config()
     cfg["run"].update(learner=learner, hpo=hpo, target=target, device=device, quiet=True)
+    if pareto is not None:
+        try:
+            lo, hi = (float(v) for v in pareto)
+        except (TypeError, ValueError):
+            raise UserError(f"pareto must be a pair (lo, hi) of resource fractions, got {pareto!r}") from None
+        options["pareto"] = f"{lo}:{hi}"
     by_name = {f.name: section for section, f, _ in iter_fields()}
     nested: dict[str, dict[str, Any]] = {}
     for key, value in options.items():
@@ -162,6 +173,12 @@ def compress(
         cfg["run"]["out_dir"], cfg["run"]["net"] = str(out_dir), "user"
         rd = RunDir.create(cfg)
     result = search(learner_obj, teacher, data, cfg, run_dir=rd, device=dev)
+    if pareto is not None:
+        if rd is not None:
+            from torchpocket.pipeline.front import finish_front
+
+            finish_front(learner_obj, teacher, result, data, cfg, run_dir=rd, device=dev, base_arch=[], net=None)
+        return Front(result, (lo, hi), learner_obj, teacher, cfg)
     if rd is not None:
         finalize(learner_obj, teacher, result, data, cfg, run_dir=rd, device=dev, base_arch=[], net=None)
         return load(rd.path / "model.pt", model=copy.deepcopy(model)), result
@@ -170,6 +187,49 @@ def compress(
         learner_obj.retrain(final, teacher=teacher, epochs=cfg["search"]["retrain_epochs"],
                             lr=cfg["search"]["retrain_lr"])
     return final.eval(), result
+
+
+@dataclass
+class Front:
+    """What ``compress(..., pareto=(lo, hi))`` returns: every trial of the search and its non-dominated ones."""
+
+    result: SearchResult
+    window: tuple[float, float]
+    learner: Any = field(repr=False)
+    teacher: nn.Module = field(repr=False)
+    cfg: dict[str, Any] = field(repr=False)
+
+    @property
+    def trials(self) -> list[dict[str, Any]]:
+        return self.result.trials
+
+    @property
+    def points(self) -> list[dict[str, Any]]:
+        """The non-dominated trials by resource: ``trial``, ``resource``, ``val_acc``, ``policy``, ..."""
+        from torchpocket import pareto
+
+        return pareto.front(self.result.trials)
+
+    @property
+    def hypervolume(self) -> float:
+        from torchpocket import pareto
+
+        return pareto.hypervolume(self.result.trials, *self.window)
+
+
+def pick(front: Front, resource: float) -> nn.Module:
+    """The front's best point at resource <= ``resource``, compressed and re-trained (``retrain_epochs``, distilled
+    from the original model) as ``compress`` does for one target."""
+    from torchpocket import pareto
+
+    best = pareto.best_at(front.result.trials, float(resource))
+    if best is None:
+        raise UserError(f"pick({resource:g}): no scored trial of this front keeps the resource at or under that")
+    final = front.learner.compress(front.teacher, best["policy"])
+    sc = front.cfg["search"]
+    if sc["retrain_epochs"]:
+        front.learner.retrain(final, teacher=front.teacher, epochs=sc["retrain_epochs"], lr=sc["retrain_lr"])
+    return final.eval()
 
 
 class LoaderBundle(DataBundle):

@@ -10,6 +10,7 @@ field names. The merged config is validated before any data or model is touched.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,12 @@ class SearchConfig:
                                      "other workers' trials before its final stage")
     resume: str | None = opt(None, "run directory of a killed search: continue from its last finished trial")
     export_onnx: bool = opt(True, "write model.onnx and check it against PyTorch with ONNX Runtime")
+    pareto: str | None = opt(None, "LO:HI: one multi-objective search for the whole accuracy-resource front, every "
+                                   "candidate's resource in [LO, HI] (--target is then ignored); pareto.csv, "
+                                   "pareto.png and the hypervolume in summary.json; no model until --pick")
+    pick: str | None = opt(None, "R[,R...]: re-train, test and export the front's best point at resource <= R, "
+                                 "each under <run>/pick-R/ (with --pareto, or --resume of a Pareto run: no new "
+                                 "search)")
     latency_repeats: int = opt(20, "repeats for the latency figures in summary.json (median)", positive=True)
 
 
@@ -238,8 +245,55 @@ def validate(cfg: dict[str, dict[str, Any]]) -> None:
         check = getattr(cls, "check", None)
         if check is not None and name in cfg:
             check(cfg)
+    _check_pareto(cfg)
     if cfg["data"]["val_size"] == 0 and LEARNERS.get(run["learner"]).searchable:
         raise UserError("--val-size 0 leaves nothing to score candidates on; the search needs a validation split")
+
+
+def pareto_window(cfg: dict[str, Any]) -> tuple[float, float] | None:
+    """``--pareto LO:HI`` as numbers (None for a single-target search)."""
+    text = cfg["search"]["pareto"]
+    if not text:
+        return None
+    parts = str(text).split(":")
+    try:
+        lo, hi = (float(v) for v in parts) if len(parts) == 2 else (math.nan, math.nan)
+    except ValueError:
+        lo = hi = math.nan
+    if not (0 < lo < hi <= 1):
+        raise UserError(f"--pareto must be LO:HI with 0 < LO < HI <= 1 (fractions of the resource), got {text!r}")
+    return lo, hi
+
+
+def pick_points(cfg: dict[str, Any]) -> list[float]:
+    """``--pick R[,R...]`` as numbers, in the order given."""
+    text = cfg["search"]["pick"]
+    if not text:
+        return []
+    try:
+        out = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        out = [math.nan]
+    if not all(0 < r <= 1 for r in out):
+        raise UserError(f"--pick must be R[,R...] with each R in (0, 1] (a resource fraction), got {text!r}")
+    return out
+
+
+def _check_pareto(cfg: dict[str, Any]) -> None:
+    window, picks = pareto_window(cfg), pick_points(cfg)
+    if picks and window is None and not cfg["search"]["resume"]:
+        raise UserError("--pick chooses points of a Pareto front: give --pareto LO:HI, or --resume a Pareto run")
+    if window is None:
+        return
+    hpo = cfg["run"]["hpo"]
+    if not HPOS.get(hpo).pareto:
+        names = ", ".join(n for n in HPOS.names() if HPOS.get(n).pareto)
+        raise UserError(f"--pareto searches a front with several targets at once: use --hpo {names} "
+                        f"({hpo!r} searches one target)")
+    if cfg["search"]["reward"] != "acc":
+        raise UserError("--pareto trades accuracy against the resource itself: use it with --reward acc")
+    if not LEARNERS.get(cfg["run"]["learner"]).searchable:
+        raise UserError(f"--pareto needs a learner with a search (not {cfg['run']['learner']!r})")
 
 
 def dump_yaml(cfg: dict[str, Any]) -> str:

@@ -84,6 +84,7 @@ class Budget:
         self.steps = np.zeros(len(self.lows)) if steps is None else np.asarray(steps, float)
         self.layer_cost_fn, self.fill, self.unit = layer_cost_fn, fill, unit
         self.limit = self.target * self.full
+        self.floor: float | None = None  # a Pareto window's lower end (a fraction of full), see :meth:`window`
         floor = self.cost(list(self.lows))
         if floor > self.limit * (1 + 1e-9):
             raise UserError(
@@ -106,8 +107,21 @@ class Budget:
     def fraction(self, policy: Sequence[float]) -> float:
         return self.cost(policy) / self.full
 
-    def satisfied(self, policy: Sequence[float]) -> bool:
-        return self.cost(policy) <= self.limit * (1 + 1e-9)
+    def satisfied(self, policy: Sequence[float], limit: float | None = None) -> bool:
+        return self.cost(policy) <= (self.limit if limit is None else limit) * (1 + 1e-9)
+
+    # -- Pareto window ------------------------------------------------------------------------
+    def window(self, low: float) -> None:
+        """Multi-objective search over ``[low, target]``: :meth:`project` keeps a policy whose resource is inside
+        the window as it is, lowers one above it to just under ``target`` and raises one below it to ``low``."""
+        if not 0 < low < self.target:
+            raise UserError(f"the Pareto window's low end must be in (0, {self.target:g}), got {low:g}")
+        self.floor = float(low)
+
+    def points(self, step: float = 0.1) -> list[float]:
+        """The resources the uniform policy is measured at: the target alone, or across a Pareto window (its
+        ends and every multiple of ``step`` between them)."""
+        return [self.target] if self.floor is None else window_points(self.floor, self.target, step)
 
     def layer_costs(self, policy: Sequence[float]) -> list[float]:
         if self.layer_cost_fn is None:
@@ -142,6 +156,8 @@ class Budget:
         """
         p = self.clip(policy)
         over = not self.satisfied(p)
+        if not over and self.floor is not None:
+            return self._raise_to(p, self.floor * self.full, iters)
         if not over and not self.fill:
             return [float(v) for v in p]
         lo, hi = (0.0, 1.0) if over else (1.0, 2.0)
@@ -154,6 +170,20 @@ class Budget:
             else:
                 hi = mid
         return [float(v) for v in self._shape(p, lo)]
+
+    def _raise_to(self, p: np.ndarray, floor: float, iters: int) -> Policy:
+        """``p`` (within the target) raised along the monotone path until its cost reaches ``floor``."""
+        if self.cost(p) >= floor:
+            return [float(v) for v in p]
+        top = self._shape(p, 2.0)
+        if self.cost(top) < floor:  # the window's low end is out of reach (the upper bounds keep less): as high
+            return [float(v) for v in top]  # as it goes
+        lo, hi = 1.0, 2.0  # invariant: shape(lo) under the floor, shape(hi) at or over it
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (lo, mid) if self.cost(self._shape(p, mid)) >= floor else (mid, hi)
+        q = self._shape(p, hi)
+        return [float(v) for v in (q if self.satisfied(q) else self._shape(p, lo))]
 
     def max_action(self, prefix: Sequence[float], index: int, *, iters: int = 40) -> float:
         """AMC's action wall: the largest action for layer ``index`` such that, with the
@@ -177,22 +207,36 @@ class Budget:
         assert len(base) == n
         return lo
 
-    def uniform(self, *, iters: int = 60) -> Policy:
-        """One value for every layer (each clipped to its own bounds) that meets the target: the classic baseline.
+    def uniform(self, *, fraction: float | None = None, iters: int = 60) -> Policy:
+        """One value for every layer (each clipped to its own bounds) that meets the target (or keeps at most
+        ``fraction`` of the resource): the classic baseline.
 
         The largest such value (with ``fill``; without, the upper bounds when they already meet the target).
         A layer whose bounds exclude the value sits at its nearest bound.
         """
+        limit = self.limit if fraction is None else min(fraction * self.full, self.limit)
+
         def at(v: float) -> np.ndarray:
             return self.clip(np.full(len(self.lows), v))
 
         lo, hi = float(self.lows.min()), float(self.highs.max())
-        if self.satisfied(at(hi)):
+        if self.satisfied(at(hi), limit):
             return [float(x) for x in at(hi)]
         for _ in range(iters):  # invariant: at(lo) satisfies (the lower bounds do), at(hi) does not
             mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if self.satisfied(at(mid)) else (lo, mid)
+            lo, hi = (mid, hi) if self.satisfied(at(mid), limit) else (lo, mid)
         return [float(x) for x in at(lo)]
+
+    def uniform_curve(self) -> list[Policy]:
+        """The uniform policy at each of :meth:`points` (one policy without a Pareto window)."""
+        return [self.uniform(fraction=r) for r in self.points()]
+
+
+def window_points(lo: float, hi: float, step: float = 0.1) -> list[float]:
+    """The ends of ``[lo, hi]`` and every multiple of ``step`` between them: where a Pareto search measures the
+    uniform policy."""
+    grid = np.arange(math.ceil(lo / step - 1e-9) * step, hi + 1e-9, step)
+    return sorted({round(float(v), 6) for v in [lo, *grid, hi] if lo - 1e-9 <= v <= hi + 1e-9})
 
 
 @dataclass

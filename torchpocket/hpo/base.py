@@ -14,6 +14,11 @@ Declared capabilities (class attributes, never duck-typed):
   so a search never returns something worse than uniform on the reward split;
 - ``max_trials``: the most distinct trials the optimizer can use (``uniform``: 1);
 - ``takes_policy``: the constructor takes the user's ``policy`` (``none``);
+- ``pareto``: searches a whole accuracy-resource front (``--pareto LO:HI``): the
+  budget then keeps every proposal's resource inside the window
+  (``Budget.window``), the optimizer reads each told policy's resource off the
+  budget as its second objective, and ``seeds_uniform`` seeds the uniform policy
+  at every point of ``Budget.points()``;
 - :attr:`Optimizer.last_kind`: what the latest :meth:`ask` returned, one of
   :data:`TRIAL_KINDS`.
 """
@@ -45,6 +50,7 @@ class Optimizer(ABC):
     seeds_uniform: ClassVar[bool] = False
     max_trials: ClassVar[int | None] = None  # None: any number
     takes_policy: ClassVar[bool] = False  # the constructor takes ``policy=`` (``--policy policy.yaml``)
+    pareto: ClassVar[bool] = False  # multi-objective under a Pareto window (``--pareto LO:HI``)
     Config: ClassVar[type | None] = None  # the optimizer's config dataclass (its section), if it has options
     section: ClassVar[str | None] = None  # the name of that section
 
@@ -55,7 +61,9 @@ class Optimizer(ABC):
         self.storage, self.study_name = storage, study_name
         self.history: list[tuple[Policy, float]] = []
         self.last_kind: str = "search"  # the kind (TRIAL_KINDS) of the policy the latest ask() returned
-        self.seeded = False  # the uniform first trial has been asked
+        self.seeded = False  # the uniform first trial (every uniform point of a Pareto window) has been asked
+        self.n_seeded = 0  # uniform trials asked so far
+        self._uniform: list[Policy] | None = None
         self.last_number = -1  # number of the latest asked trial (study-wide in a shared study)
 
     @classmethod
@@ -90,14 +98,24 @@ class Optimizer(ABC):
         """The uniform policy at the target: the first trial of a ``seeds_uniform`` optimizer."""
         return self.space.budget.uniform()
 
+    def uniform_policies(self) -> list[Policy]:
+        """The uniform trials that seed the search: the uniform policy at the target, or at every point of a
+        Pareto window (:meth:`Budget.points`)."""
+        if self._uniform is None:
+            self._uniform = self.space.budget.uniform_curve()
+        return self._uniform
+
     def seeding(self) -> bool:
-        """True when the next ask is the uniform first trial (``seeds_uniform`` and not asked yet)."""
+        """True when the next ask is a uniform seed trial (``seeds_uniform`` and not all asked yet)."""
         return self.seeds_uniform and not self.seeded
 
     def ask_uniform(self) -> Policy:
-        """Hand out the uniform first trial (a subclass calls this when :meth:`seeding` says so)."""
-        self.seeded, self.last_kind = True, "uniform"
-        return self.uniform_policy()
+        """Hand out the next uniform seed trial (a subclass calls this when :meth:`seeding` says so)."""
+        seeds = self.uniform_policies()
+        policy = seeds[min(self.n_seeded, len(seeds) - 1)]
+        self.n_seeded += 1
+        self.seeded, self.last_kind = self.n_seeded >= len(seeds), "uniform"
+        return list(policy)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [[list(p), r] for p, r in self.history]}

@@ -10,6 +10,11 @@ resuming then just reattaches to it. In memory, resume replays the journal of
 asks and tells into a fresh study with the same seed, which makes the same
 proposals again. Every new study starts with the uniform policy
 (``study.enqueue_trial``), which the sampler then learns from like any trial.
+
+Under a Pareto window (``--pareto LO:HI``) the study is multi-objective: maximise the reward, minimise the
+resource the budget gives the projected policy; it is seeded with the uniform policy at every point of the
+window. TPE is multi-objective as it is (MOTPE), ``evolution`` is NSGA-II, and Optuna's GP sampler takes
+several objectives too.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class OptunaOptimizer(JournalOptimizer):
 
     parallel: ClassVar[bool] = True
     seeds_uniform: ClassVar[bool] = True
+    pareto: ClassVar[bool] = True
 
     def __init__(self, space: SearchSpace, **kw: Any) -> None:
         super().__init__(space, **kw)
@@ -55,13 +61,26 @@ class OptunaOptimizer(JournalOptimizer):
 
         sampler = self.make_sampler()
         if self.storage is None:
-            study = optuna.create_study(sampler=sampler, direction="maximize", study_name=self.study_name)
+            study = optuna.create_study(sampler=sampler, directions=self.directions, study_name=self.study_name)
         else:
-            study = open_shared_study(self.storage, self.study_name or DEFAULT_STUDY_NAME, sampler, seed=self.seed)
+            study = open_shared_study(self.storage, self.study_name or DEFAULT_STUDY_NAME, sampler, seed=self.seed,
+                                      directions=self.directions)
         if not study.get_trials(deepcopy=False):  # a new study (a shared one: its first worker) starts uniform
-            uniform = self.uniform_policy()
-            study.enqueue_trial(dict(zip(self.space.names, uniform)), user_attrs={"kind": "uniform"})
+            for i, uniform in enumerate(self.uniform_policies()):
+                study.enqueue_trial(dict(zip(self.space.names, uniform)),
+                                    user_attrs={"kind": "uniform", "uniform_index": i})
         return study
+
+    @property
+    def multi_objective(self) -> bool:
+        return self.space.budget.floor is not None
+
+    @property
+    def directions(self) -> list[str]:
+        return ["maximize", "minimize"] if self.multi_objective else ["maximize"]
+
+    def _values(self, policy: Policy, reward: float) -> float | list[float]:
+        return [float(reward), self.space.budget.fraction(policy)] if self.multi_objective else float(reward)
 
     def _ask_trial(self) -> tuple[Policy, int]:
         lows, highs = self.space.lows, self.space.highs
@@ -73,10 +92,11 @@ class OptunaOptimizer(JournalOptimizer):
         self.last_kind = "uniform" if trial.user_attrs.get("kind") == "uniform" else "search"
         if self.last_kind == "uniform":
             self.seeded = True
-            return self.uniform_policy(), trial.number  # exactly the uniform policy (projection would nudge it)
+            index = int(trial.user_attrs.get("uniform_index", 0))  # exactly the uniform policy (a projection
+            return list(self.uniform_policies()[index]), trial.number  # would nudge it)
         return self.space.budget.project(x), trial.number
 
-    def _tell_trial(self, number: int, value: float | None, policy: Policy | None = None) -> None:
+    def _tell_trial(self, number: int, value: float | list[float] | None, policy: Policy | None = None) -> None:
         trial = self._live.pop(number, None)
         if trial is not None and policy is not None and self.storage is not None:
             trial.set_user_attr("policy", [float(v) for v in policy])  # the projected policy that was scored
@@ -99,7 +119,7 @@ class OptunaOptimizer(JournalOptimizer):
         if item is None:
             return  # not a policy this study proposed: nothing to tell it
         projected, number = item
-        value = float(reward) if math.isfinite(reward) else None
+        value = self._values(projected, reward) if math.isfinite(reward) else None
         self._tell_trial(number, value, projected)
         self.record_tell(number, value)
 
@@ -124,8 +144,8 @@ class OptunaOptimizer(JournalOptimizer):
 
     def shared_trials(self) -> list[dict[str, Any]]:
         """Every trial of the study (all workers), oldest first: number, state, value and user attributes."""
-        return [{"number": t.number, "state": t.state.name, "value": t.value, **t.user_attrs}
-                for t in self.study.get_trials(deepcopy=False)]
+        return [{"number": t.number, "state": t.state.name, "value": t.values[0] if t.values else None,
+                 **t.user_attrs} for t in self.study.get_trials(deepcopy=False)]
 
     # -- resume: reattach to the storage, or replay the journal into a fresh in-memory study -----------
     def new_engine(self) -> None:
@@ -135,7 +155,9 @@ class OptunaOptimizer(JournalOptimizer):
         self._ask_trial()
 
     def replay_tell(self, entry: list[Any]) -> None:
-        self._tell_trial(int(entry[0]), None if entry[1] is None else float(entry[1]))
+        value = entry[1]
+        self._tell_trial(int(entry[0]), None if value is None else
+                         [float(v) for v in value] if isinstance(value, (list, tuple)) else float(value))
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.journal_state(), "storage": redact_url(self.storage), "study_name": self.study.study_name,
@@ -165,7 +187,8 @@ def make_storage(url: str) -> Any:
     return RDBStorage(url)
 
 
-def open_shared_study(url: str, name: str, sampler: Any, *, seed: int, tries: int = 12) -> optuna.Study:
+def open_shared_study(url: str, name: str, sampler: Any, *, seed: int, tries: int = 12,
+                      directions: list[str] | None = None) -> optuna.Study:
     """Create or load study ``name`` in ``url``, race-free: workers started together retry with jittered backoff
     when another one is creating the schema or the study at that instant. Anything else is one clear line."""
     import random
@@ -176,8 +199,8 @@ def open_shared_study(url: str, name: str, sampler: Any, *, seed: int, tries: in
     rng = random.Random(seed)
     for attempt in range(tries):
         try:
-            return optuna.create_study(storage=make_storage(url), study_name=name, load_if_exists=True,
-                                       direction="maximize", sampler=sampler)
+            study = optuna.create_study(storage=make_storage(url), study_name=name, load_if_exists=True,
+                                        directions=directions or ["maximize"], sampler=sampler)
         except Exception as e:  # noqa: BLE001  (bad URL, missing driver, unreachable server, a race...)
             text = f"{type(e).__name__}: {e}".lower()
             if attempt + 1 < tries and any(r in text for r in _RACES):
@@ -187,6 +210,11 @@ def open_shared_study(url: str, name: str, sampler: Any, *, seed: int, tries: in
             shown = redact_url(url)
             raise UserError(f"cannot open Optuna storage {shown!r} (study {name!r}): {type(e).__name__}: "
                             f"{detail.replace(url, str(shown))}") from None
+        if len(study.directions) != len(directions or ["maximize"]):
+            kind = "a Pareto (two-objective)" if len(study.directions) > 1 else "a single-target"
+            raise UserError(f"study {name!r} in {redact_url(url)!r} is {kind} search: give another --study-name, "
+                            "or the same --pareto as its other workers")
+        return study
     raise AssertionError("unreachable")
 
 

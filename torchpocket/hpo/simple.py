@@ -20,6 +20,7 @@ class RandomSearch(Optimizer):
 
     parallel: ClassVar[bool] = False
     seeds_uniform: ClassVar[bool] = True
+    pareto: ClassVar[bool] = True  # its proposals do not depend on the rewards: a front needs nothing more
 
     def __init__(self, space: SearchSpace, **kw: Any) -> None:
         super().__init__(space, **kw)
@@ -33,12 +34,14 @@ class RandomSearch(Optimizer):
         return self.space.budget.project(x)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "rng": self.rng.bit_generator.state, "seeded": self.seeded}
+        return {**super().state_dict(), "rng": self.rng.bit_generator.state, "seeded": self.seeded,
+                "n_seeded": self.n_seeded}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = [(list(p), float(r)) for p, r in state["history"]]
         self.rng.bit_generator.state = state["rng"]
         self.seeded = bool(state.get("seeded", bool(self.history)))
+        self.n_seeded = int(state.get("n_seeded", int(self.seeded)))
 
 
 @register_hpo("uniform")
@@ -46,11 +49,13 @@ class UniformPolicy(Optimizer):
     """Uniform baseline: the same ratio for every layer, meeting the target (one trial, whatever --episodes says)"""
 
     parallel: ClassVar[bool] = False
-    max_trials: ClassVar[int | None] = 1
+    max_trials: ClassVar[int | None] = 1  # per point: under --pareto, the uniform curve across the window
+    pareto: ClassVar[bool] = True
 
     def ask(self) -> Policy:
         self.last_kind = "uniform"
-        return self.space.budget.uniform()
+        curve = self.uniform_policies()
+        return list(curve[min(len(self.history), len(curve) - 1)])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = [(list(p), float(r)) for p, r in state["history"]]

@@ -13,13 +13,14 @@ import torch
 import yaml
 
 from torchpocket import distributed
-from torchpocket.config import SECTIONS, dump_yaml, redacted
+from torchpocket.config import SECTIONS, dump_yaml, pareto_window, redacted
 from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
 from torchpocket.hpo import HPOS
 from torchpocket.learners import LEARNERS, Learner
 from torchpocket.pipeline.baseline import load_data, resolve_baseline, train_baseline, train_config
 from torchpocket.pipeline.final import finalize
+from torchpocket.pipeline.front import finish_front
 from torchpocket.pipeline.rundir import RunDir
 from torchpocket.pipeline.search import episodes_for, search
 from torchpocket.utils import atomic_write_text, resolve_device, seed_everything, unmask_url
@@ -54,7 +55,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"--policy applies a fixed policy: use it with --hpo {takes}")
     episodes_for(cfg)  # validates --episodes before touching data
     learner = make_learner(cfg, device)  # validates the learner's own options before anything is written
-    if learner.searchable and run_cfg["target"] >= 1.0 and run_cfg["hpo"] != "none":
+    if learner.searchable and run_cfg["target"] >= 1.0 and run_cfg["hpo"] != "none" and not cfg["search"]["pareto"]:
         print(f"warning: --target {run_cfg['target']:g} keeps everything; pass e.g. --target 0.5", file=sys.stderr)
     data = load_data(cfg)
     if not distributed.is_main():  # one run directory, on rank 0; the other ranks compute and stay silent
@@ -78,6 +79,9 @@ def _run_in(run_dir: RunDir, cfg: dict[str, Any], learner: Any, data: DataBundle
         result = search(learner, base, data, cfg, run_dir=run_dir, device=device)
         if not result.final:
             return {"final": False, "trials": len(result.trials)}
+        if pareto_window(cfg) is not None:
+            return finish_front(learner, base, result, data, cfg, run_dir=run_dir, device=device,
+                                base_arch=info["base_arch"], net=run_cfg["net"])
         print(f"search done in {result.seconds:.0f}s: best reward {result.best_reward:.4f}, "
               f"val acc {result.best_val_acc:.2f}% (reward split)", flush=True)
         return finalize(learner, base, result, data, cfg, run_dir=run_dir, device=device,
@@ -95,6 +99,10 @@ def _resume_config(cfg: dict[str, Any]) -> dict[str, Any]:
     for key in ("quiet", "device", "threads"):
         saved["run"][key] = cfg["run"][key]
     saved["search"]["resume"] = str(d)
+    if cfg["search"]["pick"]:  # choose points of a Pareto run's front, with no new search
+        if not saved["search"]["pareto"]:
+            raise UserError(f"--pick chooses points of a Pareto front, and {d} searched one target (no --pareto)")
+        saved["search"]["pick"] = cfg["search"]["pick"]
     # the saved storage URL has its password masked: take the one given again, else let the driver find it
     # (PGPASSWORD, ~/.pgpass)
     saved["search"]["storage"] = cfg["search"]["storage"] or unmask_url(saved["search"]["storage"])

@@ -60,12 +60,17 @@ class SearchResult:
 
 def episodes_for(cfg: dict[str, Any]) -> int:
     """Candidates to score: --episodes (default 200), capped by what the optimizer can use (uniform: 1)."""
+    from torchpocket.config import pareto_window
     from torchpocket.hpo import HPOS
+    from torchpocket.space import window_points
 
     n = cfg["search"]["episodes"]
     if n == 0:
         raise UserError("--episodes must be at least 1 (a search needs one candidate)")
     cap = HPOS.get(cfg["run"]["hpo"]).max_trials
+    window = pareto_window(cfg)
+    if cap is not None and window is not None:  # per point: uniform measures its curve across the window
+        cap *= len(window_points(*window))
     n = DEFAULT_EPISODES if n < 0 else n
     return min(n, cap) if cap is not None else n
 
@@ -285,10 +290,15 @@ class Search:
 def start_search(learner: Learner, model: nn.Module, data: DataBundle, cfg: dict[str, Any], *,
                  run_dir: RunDir | None, device: torch.device, prepare: bool = True) -> tuple[Search, int]:
     """Prepare the learner, build the space, the optimizer, the reward split and the trial log."""
+    from torchpocket.config import pareto_window
+
     sc = cfg["search"]
     if prepare:
         learner.prepare(model, data)
-    space = learner.search_space(model, cfg["run"]["target"], fill=sc["reward"] == "acc")
+    window = pareto_window(cfg)
+    space = learner.search_space(model, window[1] if window else cfg["run"]["target"], fill=sc["reward"] == "acc")
+    if window is not None:
+        space.budget.window(window[0])
     episodes = episodes_for(cfg)
     optimizer = make_optimizer(space, cfg, episodes)
     val_loader, n_val = reward_loader(data, sc["reward_val_size"])
@@ -296,11 +306,13 @@ def start_search(learner: Learner, model: nn.Module, data: DataBundle, cfg: dict
                probes=ProbeCache.for_search(model, cfg, n_val) if run_dir else ProbeCache(None),
                log=TrialLog(run_dir.path, space.names) if run_dir else None,
                state_path=run_dir.path / "search_state.pt" if run_dir else None,
-               study=StudyLog(run_dir.path, space, fresh=True) if run_dir and is_main_process() else None)
+               study=StudyLog(run_dir.path, space, fresh=True, pareto=window is not None)
+               if run_dir and is_main_process() else None)
     s.resume()
     base_val = evaluate(model, val_loader, device=device)
+    what = f"a front over [{window[0]:g}, {window[1]:g}]" if window else f"target {cfg['run']['target']:g}"
     print(f"baseline val acc on the reward split ({n_val} images): {base_val:.2f}%  |  "
-          f"{len(space)} compressible layers, {episodes} trials with {cfg['run']['hpo']}", flush=True)
+          f"{len(space)} compressible layers, {episodes} trials with {cfg['run']['hpo']} ({what})", flush=True)
     return s, episodes
 
 
@@ -315,9 +327,10 @@ def search(learner: Learner, model: nn.Module, data: DataBundle, cfg: dict[str, 
     s, episodes = start_search(learner, model, data, cfg, run_dir=run_dir, device=device, prepare=prepare)
     run, sc = cfg["run"], cfg["search"]
     source = workers.TrialSource(s.optimizer, episodes, cfg)
-    bar = progress(total=episodes, desc=f"search ({run['hpo']})", quiet=run["quiet"])
+    pick_only = bool(sc["pick"] and sc["resume"])  # choose from the trials there: finished or not, no new search
+    bar = progress(total=episodes, desc=f"search ({run['hpo']})", quiet=run["quiet"] or pick_only)
     bar.update(len(s.trials))
-    while (nxt := source.next(len(s.trials))) is not None:
+    while not pick_only and (nxt := source.next(len(s.trials))) is not None:
         policy = distributed.broadcast_object(list(nxt[0]))  # under torchrun rank 0 decides for every rank
         record = s.trial(policy, nxt[1])
         best = max((x["reward"] for x in s.trials if x["status"] == "ok"), default=float("nan"))
@@ -326,10 +339,10 @@ def search(learner: Learner, model: nn.Module, data: DataBundle, cfg: dict[str, 
                             f"res {record['resource']:.3f} {record['seconds']:.1f}s")
     bar.close()
     if sc["storage"]:
-        if not workers.runs_final_stage(s.trials, episodes, cfg):
+        if not pick_only and not workers.runs_final_stage(s.trials, episodes, cfg):
             return s.result(time.perf_counter() - start, final=False)
         s.trials = workers.shared_trials(s.optimizer, episodes, run["hpo"],
-                                         wait=0.0 if sc["final_only"] else sc["worker_wait"])
+                                         wait=0.0 if sc["final_only"] or pick_only else sc["worker_wait"])
     return s.result(time.perf_counter() - start)
 
 

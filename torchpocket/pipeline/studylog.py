@@ -3,7 +3,8 @@ tools open it: ``optuna-dashboard sqlite:///runs/<run>/study.db``, or ``python r
 
 Each finished trial is added with ``Study.add_trial`` (``optuna.trial.create_trial``): the policy as params
 (one float per layer, within its bounds), the reward as the value, and the validation accuracy, resource,
-kind, status and seconds as user attributes. On ``--resume`` the study is rebuilt from the kept trials.
+kind, status and seconds as user attributes. On ``--resume`` the study is rebuilt from the kept trials. A Pareto
+search (``--pareto``) is a two-objective study (reward up, resource down), so the dashboard draws its front.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ STUDY_NAME = "torchpocket"
 class StudyLog:
     """The run directory's Optuna study: one completed (or failed) trial per scored candidate."""
 
-    def __init__(self, run_dir: Path, space: SearchSpace, *, fresh: bool) -> None:
+    def __init__(self, run_dir: Path, space: SearchSpace, *, fresh: bool, pareto: bool = False) -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -30,8 +31,9 @@ class StudyLog:
         if fresh and self.path.exists():
             self.path.unlink()
         self.url = f"sqlite:///{self.path}"
-        self.study = optuna.create_study(storage=self.url, study_name=STUDY_NAME, direction="maximize",
-                                         load_if_exists=True)
+        self.pareto = pareto  # two objectives: maximise the reward, minimise the resource
+        self.study = optuna.create_study(storage=self.url, study_name=STUDY_NAME, load_if_exists=True,
+                                         directions=["maximize", "minimize"] if pareto else ["maximize"])
         self.dists = {lay.name: optuna.distributions.FloatDistribution(float(lay.low), float(lay.high))
                       if lay.high > lay.low else optuna.distributions.FloatDistribution(float(lay.low),
                                                                                           float(lay.low) + 1e-12)
@@ -47,8 +49,9 @@ class StudyLog:
         ok = record.get("status") == "ok" and math.isfinite(float(record.get("reward", float("nan"))))
         attrs = {k: record[k] for k in ("trial", "kind", "status", "val_acc", "resource", "seconds", "optimizer",
                                         "reason") if k in record}
+        values = ([float(record["reward"]), float(record["resource"])] if self.pareto else [float(record["reward"])])
         self.study.add_trial(optuna.trial.create_trial(
-            state=TrialState.COMPLETE if ok else TrialState.FAIL, value=float(record["reward"]) if ok else None,
+            state=TrialState.COMPLETE if ok else TrialState.FAIL, values=values if ok else None,
             params=params, distributions=self.dists, user_attrs=attrs))
 
     def rebuild(self, records: list[dict[str, Any]]) -> None:
