@@ -179,3 +179,4 @@ def test_checkpoints_keep_module_versions(tmp_path: object) -> None:
     back = load(path, model=Net())
     x = torch.randn(2, 4)
     assert torch.equal(back(x), net(x))
+

@@ -136,11 +136,16 @@ class Tee:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """``data`` to a temporary file beside ``path``, synced, then renamed over it: a kill leaves the old file or
+    the new one (and at worst a ``.tmp<pid>`` file, which ``--resume`` removes)."""
+    from torchpocket import faults
+
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    faults.point(f"write:{os.path.basename(path)}")
     os.replace(tmp, path)
 
 

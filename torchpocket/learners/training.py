@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchpocket import faults
 from torchpocket.distributed import wrap_ddp
 from torchpocket.errors import UserError
 from torchpocket.options import opt
@@ -168,6 +169,7 @@ def train_one_epoch(
             scheduler.step()
         if after_step is not None:
             after_step(model)
+        faults.point("train-step")
         n = y.numel()
         loss_sum += loss.item() * n
         correct += (out.argmax(1) == y).sum().item()

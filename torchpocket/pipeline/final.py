@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from torchpocket import distributed
+from torchpocket import distributed, faults
 from torchpocket.config import dump_yaml
 from torchpocket.datasets import DataBundle
 from torchpocket.learners import Learner
@@ -175,6 +175,7 @@ def export_onnx(learner: Learner, final: nn.Module, data: DataBundle, run_dir: R
     from torchpocket.export import check_onnx, export_onnx, file_size, onnx_latency
 
     shape = input_shape(data)
+    faults.point("export")
     try:
         fp32 = learner.onnx_float_model(final)  # e.g. a quantized network with its quantized weights as floats
         path = export_onnx(fp32, run_dir.path / "model.onnx", shape)

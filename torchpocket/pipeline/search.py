@@ -21,7 +21,7 @@ import torch
 import yaml
 from torch import nn
 
-from torchpocket import distributed
+from torchpocket import distributed, faults
 from torchpocket.datasets import DataBundle, Split, TensorLoader
 from torchpocket.errors import CandidateError, OutOfMemory, UserError
 from torchpocket.hpo import HPOS, Optimizer, create_optimizer
@@ -225,6 +225,8 @@ class Search:
         if not (self.cfg["search"]["resume"] and self.log is not None and self.state_path is not None):
             return
         done = 0
+        for stale in self.state_path.parent.glob("*.tmp[0-9]*"):  # a write cut between its file and its rename
+            stale.unlink(missing_ok=True)
         if self.state_path.exists():  # no state yet: killed during the first trial, start over
             try:
                 state = torch.load(self.state_path, map_location="cpu", weights_only=True)
@@ -249,6 +251,7 @@ class Search:
                                   "resource": self.space.budget.fraction(policy)}
         if sc["storage"]:
             record["worker"] = workers.worker_id()
+        faults.point("trial-start")
         cached = self.probes.get(policy) if record["kind"] == "probe" else None
         if cached is not None:  # a probe scored by an earlier run on the same model, learner and reward split
             record.update(cached, cached_probe=True)
@@ -258,6 +261,7 @@ class Search:
             if record["kind"] == "probe" and record["status"] == "ok":
                 self.probes.put(policy, {k: record[k] for k in ("status", "val_acc", "reward", "flops", "params")})
         record["seconds"] = round(time.perf_counter() - t0, 3)
+        faults.point("trial-scored")
         if sc["storage"]:
             self.optimizer.annotate(**{k: record[k] for k in ("status", "val_acc", "resource", "seconds",
                                                               "worker", "kind")})
@@ -266,8 +270,10 @@ class Search:
         self.trials.append(record)
         if self.log and self.state_path is not None and is_main_process():
             self.log.append(record)
+            faults.point("trial-logged")
             if self.study is not None:
                 self.study.add(record)
+            faults.point("study-added")
             atomic_torch_save(self.state_path, {"optimizer": self.optimizer.state_dict(),
                                                 "trials": len(self.trials)})
         return record
