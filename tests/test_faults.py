@@ -8,14 +8,14 @@ import pytest
 
 from tests.test_reliability import TINY, _start, warm_cache  # noqa: F401 - the fixture
 
-# -- kill -9 anywhere: a chain of SIGKILLs at 11 points, each followed by --resume, ends as the uninterrupted run --
+# -- kill -9 anywhere: a chain of SIGKILLs at 10 points, each followed by --resume, ends as the uninterrupted run --
 CHAIN = ["trial-start:2", "trials-line:1", "trial-logged:1", "study-added:1", "write:search_state.pt:2",
-         "trial-scored:1", "train-step:2", "write:model.pt:1", "export:1", "write:summary.json:1", "write:report.md:1"]
+         "trial-scored:1", "train-step:2", "write:model.pt:1", "write:summary.json:1", "write:report.md:1"]
 SAME = ("trial", "kind", "policy", "resource", "val_acc", "reward", "status")
 
 
 @pytest.mark.timeout(600)
-def test_kill_9_at_eleven_points_then_resume_ends_as_the_uninterrupted_run(tmp_path: object,
+def test_kill_9_at_ten_points_then_resume_ends_as_the_uninterrupted_run(tmp_path: object,
                                                                           warm_cache: str) -> None:  # noqa: F811
     import json
     import os
@@ -25,10 +25,11 @@ def test_kill_9_at_eleven_points_then_resume_ends_as_the_uninterrupted_run(tmp_p
 
     from torchpocket import faults
 
-    assert {p.rsplit(":", 1)[0] for p in CHAIN} == set(faults.POINTS)  # every named point is exercised
+    # every named point but the ONNX export (kept out to keep the suite short; benchmarks/faults.py draws it)
+    assert {p.rsplit(":", 1)[0] for p in CHAIN} == set(faults.POINTS) - {"export"}
     tmp = Path(str(tmp_path))
     env = {**os.environ, "TORCHPOCKET_CACHE": warm_cache, "PYTHONPATH": str(Path(__file__).parents[1])}
-    argv = [a for a in TINY if a != "--no-export-onnx"] + ["--episodes", "5", "--retrain-epochs", "1",
+    argv = [*TINY, "--episodes", "4", "--retrain-epochs", "1",
                                                            "--max-steps-per-epoch", "3"]
 
     def rows(run_dir: Path) -> list[dict]:
@@ -61,6 +62,6 @@ def test_kill_9_at_eleven_points_then_resume_ends_as_the_uninterrupted_run(tmp_p
     assert got.keys() == exp.keys()
     assert all(torch.allclose(got[k].float(), exp[k].float(), rtol=1e-4, atol=1e-4) for k in exp)
     s, r = (json.loads((d / "summary.json").read_text()) for d in (run_dir, ref_dir))
-    assert s["compressed"]["test_acc"] == r["compressed"]["test_acc"] and s["trials"] == 5
-    assert (run_dir / "model.onnx").is_file() and (run_dir / "report.html").is_file()
+    assert s["compressed"]["test_acc"] == r["compressed"]["test_acc"] and s["trials"] == 4
+    assert (run_dir / "report.html").is_file()
     assert not list(run_dir.glob("*.tmp*"))  # no partial file left behind
