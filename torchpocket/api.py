@@ -182,11 +182,16 @@ def compress(
     if rd is not None:
         finalize(learner_obj, teacher, result, data, cfg, run_dir=rd, device=dev, base_arch=[], net=None)
         return load(rd.path / "model.pt", model=copy.deepcopy(model)), result
-    final = learner_obj.compress(teacher, result.best_policy)
-    if cfg["search"]["retrain_epochs"]:
-        learner_obj.retrain(final, teacher=teacher, epochs=cfg["search"]["retrain_epochs"],
-                            lr=cfg["search"]["retrain_lr"])
-    return final.eval(), result
+    return _compress_retrained(learner_obj, teacher, result.best_policy, cfg), result
+
+
+def _compress_retrained(learner: Any, teacher: nn.Module, policy: list[float], cfg: dict[str, Any]) -> nn.Module:
+    """``policy`` applied to ``teacher`` and re-trained (``retrain_epochs``, distilled from it), in eval mode."""
+    final = learner.compress(teacher, policy)
+    sc = cfg["search"]
+    if sc["retrain_epochs"]:
+        learner.retrain(final, teacher=teacher, epochs=sc["retrain_epochs"], lr=sc["retrain_lr"])
+    return final.eval()
 
 
 @dataclass
@@ -225,11 +230,7 @@ def pick(front: Front, resource: float) -> nn.Module:
     best = pareto.best_at(front.result.trials, float(resource))
     if best is None:
         raise UserError(f"pick({resource:g}): no scored trial of this front keeps the resource at or under that")
-    final = front.learner.compress(front.teacher, best["policy"])
-    sc = front.cfg["search"]
-    if sc["retrain_epochs"]:
-        front.learner.retrain(final, teacher=front.teacher, epochs=sc["retrain_epochs"], lr=sc["retrain_lr"])
-    return final.eval()
+    return _compress_retrained(front.learner, front.teacher, best["policy"], front.cfg)
 
 
 class LoaderBundle(DataBundle):

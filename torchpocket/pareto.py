@@ -145,6 +145,10 @@ def plot(path: Path, trials: Sequence[dict[str, Any]], lo: float, hi: float, *, 
     return path
 
 
+def _fmt(v: Any, fmt: str = ".2f") -> str:
+    return "" if v is None else format(v, fmt)
+
+
 def markdown(block: dict[str, Any], *, picks: Sequence[dict[str, Any]] = ()) -> list[str]:
     """The front's section of report.md."""
     lines = ["## Pareto front", "",
@@ -159,11 +163,8 @@ def markdown(block: dict[str, Any], *, picks: Sequence[dict[str, Any]] = ()) -> 
         lines += ["| resource <= | front val acc | trial | uniform val acc | front - uniform |",
                   "|---:|---:|---:|---:|---:|"]
         for r in block["at"]:
-            def f(v: Any, fmt: str = ".2f") -> str:
-                return "" if v is None else format(v, fmt)
-            trial = "" if r["front_trial"] is None else r["front_trial"]
-            lines.append(f"| {r['resource']:g} | {f(r['front_val_acc'])} | {trial} | "
-                         f"{f(r['uniform_val_acc'])} | {f(r['front_minus_uniform'], '+.2f')} |")
+            lines.append(f"| {r['resource']:g} | {_fmt(r['front_val_acc'])} | {_fmt(r['front_trial'], 'd')} | "
+                         f"{_fmt(r['uniform_val_acc'])} | {_fmt(r['front_minus_uniform'], '+.2f')} |")
         lines.append("")
     if picks:
         lines += ["## Picked points", "", "| resource <= | trial | resource | val acc (search) | test acc | "
