@@ -63,9 +63,11 @@ class OptunaOptimizer(JournalOptimizer):
         if self.storage is None:
             study = optuna.create_study(sampler=sampler, directions=self.directions, study_name=self.study_name)
         else:
-            study = open_shared_study(self.storage, self.study_name or DEFAULT_STUDY_NAME, sampler, seed=self.seed,
-                                      directions=self.directions)
-        if not study.get_trials(deepcopy=False):  # a new study (a shared one: its first worker) starts uniform
+            study, created = open_shared_study(self.storage, self.study_name or DEFAULT_STUDY_NAME, sampler,
+                                               seed=self.seed, directions=self.directions)
+        # a new study starts uniform; a shared one is seeded by the worker whose create_study made it, so that
+        # workers started together enqueue the uniform policies once
+        if (created if self.storage is not None else not study.get_trials(deepcopy=False)):
             for i, uniform in enumerate(self.uniform_policies()):
                 study.enqueue_trial(dict(zip(self.space.names, uniform)),
                                     user_attrs={"kind": "uniform", "uniform_index": i})
@@ -188,9 +190,11 @@ def make_storage(url: str) -> Any:
 
 
 def open_shared_study(url: str, name: str, sampler: Any, *, seed: int, tries: int = 12,
-                      directions: list[str] | None = None) -> optuna.Study:
+                      directions: list[str] | None = None) -> tuple[optuna.Study, bool]:
     """Create or load study ``name`` in ``url``, race-free: workers started together retry with jittered backoff
-    when another one is creating the schema or the study at that instant. Anything else is one clear line."""
+    when another one is creating the schema at that instant. Returns the study and whether this call created it
+    (exactly one of the workers racing to create a study gets True: the storage's unique study name decides).
+    Anything else is one clear line."""
     import random
     import time
 
@@ -199,8 +203,13 @@ def open_shared_study(url: str, name: str, sampler: Any, *, seed: int, tries: in
     rng = random.Random(seed)
     for attempt in range(tries):
         try:
-            study = optuna.create_study(storage=make_storage(url), study_name=name, load_if_exists=True,
-                                        directions=directions or ["maximize"], sampler=sampler)
+            storage = make_storage(url)
+            try:
+                study = optuna.create_study(storage=storage, study_name=name, directions=directions or ["maximize"],
+                                            sampler=sampler)
+                created = True
+            except optuna.exceptions.DuplicatedStudyError:
+                study, created = optuna.load_study(study_name=name, storage=storage, sampler=sampler), False
         except Exception as e:  # noqa: BLE001  (bad URL, missing driver, unreachable server, a race...)
             text = f"{type(e).__name__}: {e}".lower()
             if attempt + 1 < tries and any(r in text for r in _RACES):
@@ -214,7 +223,7 @@ def open_shared_study(url: str, name: str, sampler: Any, *, seed: int, tries: in
             kind = "a Pareto (two-objective)" if len(study.directions) > 1 else "a single-target"
             raise UserError(f"study {name!r} in {redact_url(url)!r} is {kind} search: give another --study-name, "
                             "or the same --pareto as its other workers")
-        return study
+        return study, created
     raise AssertionError("unreachable")
 
 
