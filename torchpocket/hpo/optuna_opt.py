@@ -186,7 +186,30 @@ def make_storage(url: str) -> Any:
 
     if url.startswith("journal://"):
         return JournalStorage(JournalFileBackend(url[len("journal://"):]))
-    return RDBStorage(url)
+    storage = RDBStorage(url)
+    if storage.engine.dialect.name == "sqlite":
+        _serialise_sqlite(storage.engine)
+    return storage
+
+
+def _serialise_sqlite(engine: Any) -> None:
+    """Make every SQLite transaction take the write lock at its start (``BEGIN IMMEDIATE``).
+
+    Optuna hands an enqueued (WAITING) trial to one worker with ``SELECT ... FOR UPDATE``, which SQLite ignores:
+    two workers asking at once could both read it as waiting and both run it (the second ``tell`` then fails with
+    UpdateFinishedTrialError). With the lock taken first, the second worker reads it as running and moves on.
+    SQLAlchemy's documented recipe: pysqlite's own BEGIN handling off, then BEGIN IMMEDIATE on each begin."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_pysqlite_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections made before the listeners are closed; new ones get them
 
 
 def open_shared_study(url: str, name: str, sampler: Any, *, seed: int, tries: int = 12,
