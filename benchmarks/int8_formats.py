@@ -14,7 +14,9 @@ format is made from that file by ONNX Runtime's static post-training quantizer (
 * ``tp-qdq-u8s8-reduce``, ``tp-qdq-u8s8``: torchpocket's own path, no QAT: ``uniform-quant --bits 8``
   prepared and compressed on the baseline (activation ranges calibrated on the same training images),
   written by ``torchpocket.export.export_int8_onnx`` (QDQ carrying torchpocket's scales, batch-norm folded
-  into per-channel weight scales), with ``--reduce-range`` on (the learner's default) and off.
+  into per-channel weight scales), with ``--reduce-range on`` (7-bit weights) and ``off`` (full 8-bit);
+* ``tp-qdq-u8s8-reduce-fp32first``, ``tp-qdq-u8s8-fp32first``: the same two with the first convolution in fp32
+  (``torchpocket.export.float_first_conv``, what ``--int8-first-layer fp32`` ships).
 
 For each: test accuracy through ONNX Runtime (first ``--test-images`` test images, 0 = the whole split),
 latency at each ``--batch-sizes`` (all sessions open at once; ``--rounds`` rounds, each timing every model in
@@ -54,10 +56,18 @@ from torch import nn
 from torchpocket.config import default_config, validate
 from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
-from torchpocket.export import INPUT_NAME, export_int8_onnx, export_onnx, file_size, onnx_predict, onnx_session
+from torchpocket.export import (
+    INPUT_NAME,
+    export_int8_onnx,
+    export_onnx,
+    file_size,
+    float_first_conv,
+    onnx_predict,
+    onnx_session,
+)
 from torchpocket.learners._quant import quant_layers
 from torchpocket.pipeline import load_data, make_learner, resolve_baseline
-from torchpocket.utils import machine_description, seed_everything
+from torchpocket.utils import cpu_flags, machine_description, seed_everything
 
 FP32 = "fp32"
 U8, S8 = QuantType.QUInt8, QuantType.QInt8
@@ -72,10 +82,14 @@ ORT_FORMATS: dict[str, dict[str, Any]] = {
     "qop-u8s8": {"quant_format": QOP, "activation_type": U8, "weight_type": S8},
     "qop-u8s8-reduce": {"quant_format": QOP, "activation_type": U8, "weight_type": S8, "reduce_range": True},
 }
-# name -> uniform-quant's reduce_range (torchpocket's own export of the calibrated 8-bit model)
-TP_FORMATS: dict[str, bool] = {"tp-qdq-u8s8-reduce": True, "tp-qdq-u8s8": False}
+# name -> (uniform-quant's --reduce-range, the first convolution in fp32?): torchpocket's own export of the
+# calibrated 8-bit model, with --int8-first-layer int8 or fp32
+TP_FORMATS: dict[str, tuple[str, bool]] = {"tp-qdq-u8s8-reduce": ("on", False), "tp-qdq-u8s8": ("off", False),
+                                           "tp-qdq-u8s8-reduce-fp32first": ("on", True),
+                                           "tp-qdq-u8s8-fp32first": ("off", True)}
 FORMATS = (*ORT_FORMATS, *TP_FORMATS)
 
+FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni")  # the ones x86 int8 kernels depend on
 LABELS = {
     FP32: "fp32 (`export_onnx`)",
     "qdq-u8s8": "ORT QDQ, u8 act / s8 weights",
@@ -84,9 +98,16 @@ LABELS = {
     "qdq-u8u8": "ORT QDQ, u8 act / u8 weights",
     "qop-u8s8": "ORT QOperator, u8 / s8",
     "qop-u8s8-reduce": "ORT QOperator, u8 / s8, 7-bit weights",
-    "tp-qdq-u8s8-reduce": "torchpocket `uniform-quant --bits 8`, 7-bit weights",
-    "tp-qdq-u8s8": "torchpocket `uniform-quant --bits 8 --no-reduce-range`",
+    "tp-qdq-u8s8-reduce": "torchpocket `uniform-quant --bits 8 --reduce-range on --int8-first-layer int8`",
+    "tp-qdq-u8s8": "torchpocket `uniform-quant --bits 8 --reduce-range off --int8-first-layer int8`",
+    "tp-qdq-u8s8-reduce-fp32first": "torchpocket `--reduce-range on --int8-first-layer fp32`",
+    "tp-qdq-u8s8-fp32first": "torchpocket `--reduce-range off --int8-first-layer fp32`",
 }
+
+
+def flag_line() -> str:
+    """``avx2 yes, avx512f no, ...``: the CPU features the int8 kernels depend on, for the table header."""
+    return ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu_flags().items() if k in FLAGS)
 
 
 # ----------------------------------------------------------------------------- data
@@ -141,10 +162,11 @@ def ort_int8(pre: Path, path: Path, batches: list[torch.Tensor], options: dict[s
     return path
 
 
-def tp_int8(base: nn.Module, data: DataBundle, args: argparse.Namespace, *, reduce_range: bool, n_batches: int,
-            path: Path, shape: tuple[int, int, int]) -> tuple[Path, nn.Module]:
+def tp_int8(base: nn.Module, data: DataBundle, args: argparse.Namespace, *, reduce_range: str, first_fp32: bool,
+            n_batches: int, path: Path, shape: tuple[int, int, int]) -> tuple[Path, nn.Module]:
     """``uniform-quant --bits 8`` on the baseline: prepare (keeps the calibration batches), compress (fake-quant
-    copy, activation ranges calibrated), then the int8 QDQ export. Returns the file and the fake-quant model."""
+    copy, activation ranges calibrated), then the int8 QDQ export (``first_fp32``: its first convolution in fp32,
+    :func:`~torchpocket.export.float_first_conv`). Returns the file and the fake-quant model."""
     cfg = default_config()
     cfg["run"].update(learner="uniform-quant", hpo="none", net=args.net, dataset=args.dataset, init=args.init,
                       device="cpu", quiet=True, threads=args.threads, seed=0)
@@ -156,7 +178,10 @@ def tp_int8(base: nn.Module, data: DataBundle, args: argparse.Namespace, *, redu
     learner.prepare(base, data)
     seed_everything(0)
     q = learner.compress(base, [8.0] * len(quant_layers(base))).eval()
-    return export_int8_onnx(q, path, shape), q
+    export_int8_onnx(q, path, shape)
+    if first_fp32 and float_first_conv(path, path) is None:
+        raise UserError(f"{args.net}: the int8 graph does not start with a quantized convolution on the input")
+    return path, q
 
 
 # ----------------------------------------------------------------------------- latency
@@ -333,7 +358,8 @@ def main() -> None:
             if name in ORT_FORMATS:
                 paths[name] = ort_int8(tmp / "fp32.pre.onnx", tmp / f"{name}.onnx", calib, ORT_FORMATS[name])
             else:
-                paths[name], fake[name] = tp_int8(base, data, args, reduce_range=TP_FORMATS[name],
+                paths[name], fake[name] = tp_int8(base, data, args, reduce_range=TP_FORMATS[name][0],
+                                                  first_fp32=TP_FORMATS[name][1],
                                                   n_batches=len(calib), path=tmp / f"{name}.onnx", shape=shape)
             print(f"  {name}: quantized in {time.perf_counter() - t0:.1f}s", flush=True)
 
@@ -384,6 +410,7 @@ def main() -> None:
         "## int8 formats in ONNX Runtime vs fp32 (post-training quantization, no QAT)",
         "",
         f"- machine: {machine_description()}; {_dt.date.today().isoformat()}",
+        f"- CPU flags: {flag_line()}",
         f"- command: `{command_line()}`",
         f"- ONNX Runtime {ort.__version__} (CPUExecutionProvider, intra-op threads {threads}, inter-op 1)",
         f"- baseline: {short_path(info['source'])} ({args.net} on {data.name}), PyTorch test acc {base_acc:.2f}% on "

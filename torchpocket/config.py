@@ -161,6 +161,8 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads on / off / yes / no as booleans; choices check the rest
+            return "on" if value else "off"
     elif typing.get_origin(tp) is list:
         (inner,) = typing.get_args(tp)
         if isinstance(value, list):

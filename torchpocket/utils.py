@@ -169,7 +169,7 @@ def machine_description() -> str:
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}"
 
 
-SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "amx_int8", "asimd", "sve")
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimd", "sve")
 
 
 def cpu_flags() -> dict[str, bool]:

@@ -46,7 +46,12 @@ def test_8_bit_run_ships_an_int8_onnx_model_that_agrees(capsys: pytest.CaptureFi
     for key in ("latency_ms_b1", "latency_ms_b64", "fp32_latency_ms_b1", "fp32_latency_ms_b64"):
         assert int8[key] > 0
     weights = [numpy_helper.to_array(i) for i in onnx.load(str(run_dir / "model.int8.onnx")).graph.initializer]
-    assert sum(w.dtype == np.int8 and w.ndim == 4 for w in weights) == 21  # every conv weight stored as int8
+    first = int8["first_layer"]  # auto: the faster of an int8 and an fp32 first convolution, both timed here
+    assert first["setting"] == "auto" and first["chosen"] in ("int8", "fp32") and first["layer"] == "/conv1/Conv"
+    assert set(first["measured_speedup_b64"]) == {"int8", "fp32"}
+    # every conv weight stored as int8 (but the first one's, when fp32 won there)
+    assert sum(w.dtype == np.int8 and w.ndim == 4 for w in weights) == 21 - (first["chosen"] == "fp32")
+    assert s["export"]["reduce_range"]["setting"] == "auto"
     assert s["export"]["average_weight_bits"] == 8
     model = torchpocket.load(run_dir / "model.pt")
     assert {b for _, b in weight_codes(model).values()} == {8}

@@ -135,10 +135,34 @@ def test_compress_places_quantizers_and_keeps_the_teacher() -> None:
 
 
 def test_reduce_range_only_narrows_8_bit_weights() -> None:
-    _, _, narrow = compressed(8)
-    _, _, full = compressed(8, reduce_range=False)
+    _, _, narrow = compressed(8, reduce_range="on")
+    _, _, full = compressed(8, reduce_range="off")
     assert max(int(c.abs().max()) for c, _ in weight_codes(narrow).values()) == 63
     assert max(int(c.abs().max()) for c, _ in weight_codes(full).values()) == 127
+
+
+@pytest.mark.parametrize(("flags", "machine", "want"), [
+    ({"avx2": True, "avx512_vnni": True}, "x86_64", False),  # VNNI: u8s8 products sum in 32 bits
+    ({"avx2": True, "avx_vnni": True}, "x86_64", False),
+    ({"avx2": True}, "x86_64", True),  # AVX2 only: 16-bit pair sums overflow with full-range weights
+    ({"asimd": True}, "aarch64", False),
+])
+def test_reduce_range_auto_follows_the_cpu(flags: dict, machine: str, want: bool,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import platform
+
+    import torchpocket.utils
+    from torchpocket.learners._quant import resolve_reduce_range
+
+    monkeypatch.setattr(torchpocket.utils, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(platform, "machine", lambda: machine)
+    used, why = resolve_reduce_range("auto")
+    assert used is want and why.startswith("auto: ")
+    assert resolve_reduce_range("on")[0] is True and resolve_reduce_range("off")[0] is False
+    lrn, _, cand = compressed(8)  # the learner applies what auto chose: 63 with 7-bit weights, else 127
+    assert max(int(c.abs().max()) for c, _ in weight_codes(cand).values()) == (63 if want else 127)
+    rec = lrn.export(cand, None, torch.zeros(1))["reduce_range"]
+    assert rec == {"setting": "auto", "used": "on" if want else "off", "why": why}
 
 
 def test_qat_step_trains_the_latent_weights() -> None:
@@ -179,7 +203,7 @@ def test_deploy_module_folds_batch_norm_exactly() -> None:
 
 
 def test_int8_onnx_carries_our_scales_and_runs_integer_kernels(tmp_path: Path) -> None:
-    _, _, cand = compressed(8)
+    _, _, cand = compressed(8, reduce_range="on")
     path = export_int8_onnx(cand, tmp_path / "model.int8.onnx", SHAPE)
     m = onnx.load(str(path))
     inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
@@ -208,6 +232,31 @@ def test_int8_onnx_carries_our_scales_and_runs_integer_kernels(tmp_path: Path) -
     # float rounding (a rare activation a step apart), so the same decisions even on random logits
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.99
     assert np.abs(got - ref).mean() < 0.01 * np.abs(ref).mean()
+
+
+def test_first_conv_in_fp32_keeps_the_trained_codes_and_the_rest_int8(tmp_path: Path) -> None:
+    from torchpocket.export import export_onnx, float_first_conv
+
+    _, _, cand = compressed(8, reduce_range="off")
+    p8 = export_int8_onnx(cand, tmp_path / "model.int8.onnx", SHAPE)
+    assert float_first_conv(p8, tmp_path / "first.onnx") == "/conv1/Conv"
+    m8, mf = (onnx.load(str(p)) for p in (p8, tmp_path / "first.onnx"))
+    inits8 = {i.name: numpy_helper.to_array(i) for i in m8.graph.initializer}
+    initsf = {i.name: numpy_helper.to_array(i) for i in mf.graph.initializer}
+    producer = {o: n for n in m8.graph.node for o in n.output}
+    conv8 = next(n for n in m8.graph.node if n.op_type == "Conv")
+    convf = [n for n in mf.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert convf[0].input[0] == "input" and initsf[convf[0].input[1]].dtype == np.float32
+    dq = producer[conv8.input[1]]  # the float weight is exactly code x scale of the int8 file
+    codes, scale = inits8[dq.input[0]].astype(np.float32), inits8[dq.input[1]]
+    assert np.allclose(initsf[convf[0].input[1]], codes * scale.reshape(-1, 1, 1, 1), rtol=1e-6, atol=0)
+    assert sum(v.dtype == np.int8 and v.ndim == 4 for v in initsf.values()) == 20  # the other 20 still int8
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == "input" for n in mf.graph.node)
+    x = torch.rand(128, *SHAPE, generator=torch.Generator().manual_seed(5))  # inside the input quantizer's range
+    a, b = onnx_predict(p8, x), onnx_predict(tmp_path / "first.onnx", x)
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.95 and np.abs(a - b).mean() < 0.05 * np.abs(a).mean()
+    fp32 = export_onnx(float_model(cand), tmp_path / "model.onnx", SHAPE)  # no quantized input: nothing to do
+    assert float_first_conv(fp32, tmp_path / "none.onnx") is None and not (tmp_path / "none.onnx").exists()
 
 
 def test_float_model_is_the_quantized_network_in_fp32() -> None:
@@ -268,7 +317,7 @@ def test_mixed_precision_budget_and_bits_flag() -> None:
 
 
 def test_full_range_8_bit_weights_survive_a_rebuild(tmp_path: Path) -> None:
-    lrn, _, cand = compressed(8, reduce_range=False)
+    lrn, _, cand = compressed(8, reduce_range="off")
     arch = lrn.arch_state(cand)
     assert arch["reduce_range"] is False
     path = tmp_path / "model.pt"

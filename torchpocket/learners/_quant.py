@@ -48,9 +48,15 @@ class QuantConfig:
                         "ONNX model)", flag="--act-bits")
     act_ema: float = opt(0.99, "uniform-quant: decay of the moving average of activation ranges during "
                          "training (TF QAT: 0.999)", flag="--act-ema")
-    reduce_range: bool = opt(True, "uniform-quant: 8-bit weights use [-63, 63] (7 bits), the range ONNX Runtime's "
-                             "fast u8s8 kernels on AVX2 CPUs without VNNI need to avoid overflow",
-                             flag="--reduce-range")
+    reduce_range: str = opt("auto", "uniform-quant: 8-bit weights in [-63, 63] (on: 7 bits, what ONNX Runtime's "
+                            "u8s8 kernels on x86 CPUs without VNNI need to avoid overflowing their 16-bit sums) or "
+                            "[-127, 127] (off); auto: off where the CPU has VNNI (avx512_vnni, avx_vnni, amx_int8) "
+                            "or is not x86, on otherwise. Recorded in the checkpoint and summary.json",
+                            flag="--reduce-range", choices=("auto", "on", "off"))
+    int8_first_layer: str = opt("auto", "uniform-quant: model.int8.onnx runs the first convolution (the one on "
+                                "the network input) in int8 or fp32; auto: both are timed against each other at "
+                                "batch 64 on this CPU and the faster ships (recorded in summary.json)",
+                                flag="--int8-first-layer", choices=("auto", "int8", "fp32"))
     calib_batches: int = opt(4, "training batches that initialise activation ranges of a candidate",
                              flag="--quant-calib-batches")
     kmeans_init: str = opt("linear", "non-uniform-quant: centroid initialisation (Han et al.: linear is best)",
@@ -148,6 +154,25 @@ def check_policy(policy: Policy, layers: list[tuple[str, nn.Module]], supported:
 
 
 # -- uniform fake quantization ------------------------------------------------------------------
+
+
+def resolve_reduce_range(setting: str | bool) -> tuple[bool, str]:
+    """``--reduce-range`` as used: (7-bit 8-bit weights?, why). ``auto`` reads this CPU's flags."""
+    import platform
+
+    from torchpocket.utils import cpu_flags
+
+    if isinstance(setting, bool):
+        setting = "on" if setting else "off"
+    if setting in ("on", "off"):
+        return setting == "on", f"--reduce-range {setting}"
+    flags = cpu_flags()
+    vnni = [f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if flags.get(f)]
+    if vnni:
+        return False, f"auto: this CPU has {vnni[0]} (u8s8 products accumulate in 32 bits, full range is safe)"
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return False, f"auto: {platform.machine()} is not x86 (no 16-bit u8s8 intermediate sums)"
+    return True, "auto: this x86 CPU has no VNNI (ONNX Runtime's u8s8 kernels sum pairs in 16 bits)"
 
 
 def weight_qmax(bits: int, reduce_range: bool) -> int:

@@ -46,6 +46,7 @@ from torchpocket.learners._quant import (
     check_policy,
     quant_layers,
     quantize_weights_,
+    resolve_reduce_range,
 )
 from torchpocket.learners._quant_deploy import float_model
 from torchpocket.learners._quant_fx import insert_act_quant, insert_bias_grids, trace
@@ -76,6 +77,7 @@ class UniformQuantLearner(Learner):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         check_config(self.config, UNIFORM_BITS, "uniform-quant")
+        self.reduce_range, self.reduce_range_why = resolve_reduce_range(self.config.reduce_range)
         self._calib: list[Tensor] = []
         self._macs: dict[str, int] = {}
 
@@ -108,7 +110,7 @@ class UniformQuantLearner(Learner):
         bits = check_policy(policy, layers, UNIFORM_BITS, "uniform-quant")
         c = self.config
         new = _build(model, {n: b for (n, _), b in zip(layers, bits)}, act_bits=c.act_bits, ema=c.act_ema,
-                     reduce_range=c.reduce_range)
+                     reduce_range=self.reduce_range)
         if self._calib:
             calibrate(new, self._calib)
         return new
@@ -120,7 +122,7 @@ class UniformQuantLearner(Learner):
         acts = {n: {"bits": q.bits, "lo": float(q.lo), "hi": float(q.hi), "scale": q.qparams()[0],
                     "zero_point": q.qparams()[1]} for n, q in act_quantizers(model).items()}
         eight = [int(m.qmax) for m in model.modules() if getattr(m, "qbits", 0) == 8]
-        reduce_range = eight[0] == 63 if eight else self.config.reduce_range  # only 8-bit layers differ
+        reduce_range = eight[0] == 63 if eight else self.reduce_range  # only 8-bit layers differ
         act_bits = next(iter(acts.values()))["bits"] if acts else 0
         ema = next((q.ema for q in act_quantizers(model).values()), self.config.act_ema)
         return {"version": ARCH_VERSION, "layers": layers, "act_bits": act_bits, "act_ema": ema,
@@ -167,14 +169,19 @@ class UniformQuantLearner(Learner):
         if not act_quantizers(model) or not bits or max(bits) > 8:
             return {"int8": {"skipped": "the int8 model needs weights of at most 8 bits and activation quantizers "
                                         "(--act-bits > 0)"}}
-        return {"int8": int8_summary(model, fp32_onnx, data, run_dir, repeats=repeats)}
+        return {"int8": int8_summary(model, fp32_onnx, data, run_dir, repeats=repeats,
+                                     first_layer=self.config.int8_first_layer)}
 
     def export(self, model: nn.Module, run_dir: Any, example: Tensor) -> dict[str, Any]:
         """Bits per layer and average weight bits for summary.json (the int8 ONNX comes from :meth:`deploy`)."""
         layers = {n: int(m.qbits) for n, m in model.named_modules() if hasattr(m, "qbits")}
         sizes = {n: int(m.weight.numel()) for n, m in model.named_modules() if hasattr(m, "qbits")}
         total = sum(sizes.values())
-        return {"weight_bits": layers,
+        eight = [int(m.qmax) for m in model.modules() if getattr(m, "qbits", 0) == 8]
+        rr = ({"setting": self.config.reduce_range, "used": "on" if eight[0] == 63 else "off",
+               "why": self.reduce_range_why if (eight[0] == 63) == self.reduce_range
+               else "the checkpoint's own setting"} if eight else None)
+        return {"weight_bits": layers, "reduce_range": rr,
                 "average_weight_bits": sum(layers[n] * sizes[n] for n in layers) / max(total, 1),
                 "activation_bits": next((q.bits for q in act_quantizers(model).values()), 0)}
 
