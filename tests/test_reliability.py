@@ -67,13 +67,10 @@ TINY = ["--dataset", "synthetic", "--net", "resnet20", "--learner", "chn-pruned"
 
 
 def _start(argv: list[str], env: dict[str, str]) -> object:
-    import subprocess
-    import sys
-    from pathlib import Path
+    """``run.py argv`` as a process of its own, forked from a warm zygote (:mod:`tests._forked`)."""
+    from tests._forked import start
 
-    root = Path(__file__).resolve().parents[1]
-    return subprocess.Popen([sys.executable, str(root / "run.py"), *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return start(argv, env)
 
 
 def _wait_for(pred: object, proc: object, timeout: float = 120.0) -> None:

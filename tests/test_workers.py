@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import optuna
 import pytest
 
+from tests._forked import start
 from torchpocket.cli import main
 
 TINY = ["--dataset", "synthetic", "--net", "resnet20", "--learner", "chn-pruned", "--target", "0.5", "--device", "cpu",
@@ -52,11 +51,9 @@ def test_two_workers_share_one_study(kind: str, cache: str, tmp_path: Path) -> N
     url = (f"sqlite:///{tmp_path / 'search.db'}" if kind == "sqlite"
            else os.environ["TORCHPOCKET_TEST_POSTGRES"].replace("postgres@", f"postgres:{secret}@", 1))
     study = f"workers-{uuid.uuid4().hex[:8]}"
-    argv = [sys.executable, str(ROOT / "run.py"), *TINY, "--hpo", "tpe", "--episodes", str(BUDGET),
-            "--storage", url, "--study-name", study]
-    procs = [subprocess.Popen([*argv, "--seed", str(i), "--out-dir", str(tmp_path / f"worker{i}")], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=400)[0] for p in procs]
+    argv = [*TINY, "--hpo", "tpe", "--episodes", str(BUDGET), "--storage", url, "--study-name", study]
+    procs = [start([*argv, "--seed", str(i), "--out-dir", str(tmp_path / f"worker{i}")], env) for i in range(2)]
+    outs = ["".join(p.communicate(timeout=400)) for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out
 
@@ -87,11 +84,10 @@ def test_two_workers_share_one_pareto_study(cache: str, tmp_path: Path) -> None:
     """--pareto with --storage: one two-objective study, the budget exactly, one front written from all trials."""
     env = {**os.environ, "TORCHPOCKET_CACHE": cache, "PYTHONPATH": str(ROOT)}
     url, study = f"sqlite:///{tmp_path / 'front.db'}", f"front-{uuid.uuid4().hex[:8]}"
-    argv = [sys.executable, str(ROOT / "run.py"), *TINY, "--hpo", "tpe", "--episodes", str(BUDGET), "--pareto",
-            "0.3:0.7", "--storage", url, "--study-name", study]
-    procs = [subprocess.Popen([*argv, "--seed", str(i), "--out-dir", str(tmp_path / f"worker{i}")], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=400)[0] for p in procs]
+    argv = [*TINY, "--hpo", "tpe", "--episodes", str(BUDGET), "--pareto", "0.3:0.7", "--storage", url,
+            "--study-name", study]
+    procs = [start([*argv, "--seed", str(i), "--out-dir", str(tmp_path / f"worker{i}")], env) for i in range(2)]
+    outs = ["".join(p.communicate(timeout=400)) for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out
     loaded = optuna.load_study(study_name=study, storage=url)
