@@ -113,6 +113,14 @@ def command_line() -> str:
     return shlex.join(["python", sys.argv[0], *sys.argv[1:]])
 
 
+def flag_line() -> str:
+    """``avx2 yes, avx512f no, ...``: the x86 CPU features fp32 and int8 kernels depend on, beside speed figures."""
+    from torchpocket.utils import cpu_flags
+
+    return ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu_flags().items()
+                     if k in ("avx2", "avx512f", "avx512_vnni", "avx_vnni"))
+
+
 def header(title: str, bench: Bench) -> str:
     """Machine, threads, baseline and the exact command, so the README can cite where a table came from."""
     a = bench.args
@@ -122,6 +130,7 @@ def header(title: str, bench: Bench) -> str:
         f"## {title}",
         "",
         f"- machine: {machine_description()}, device {bench.device}; {_dt.date.today().isoformat()}",
+        f"- CPU flags: {flag_line()}",
         f"- command: `{command_line()}`",
         f"- baseline: {bench.source} ({bench.net} on {bench.data.name}), test acc {bench.base_test:.2f}%, "
         f"{bench.base_flops / 1e6:.2f} MFLOPs; baseline val acc on the reward split "

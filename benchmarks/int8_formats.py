@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
-from _common import command_line, emit, main_guard, md_table, short_path
+from _common import command_line, emit, flag_line, main_guard, md_table, short_path
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 from torch import nn
 
@@ -67,7 +67,7 @@ from torchpocket.export import (
 )
 from torchpocket.learners._quant import quant_layers
 from torchpocket.pipeline import load_data, make_learner, resolve_baseline
-from torchpocket.utils import cpu_flags, machine_description, seed_everything
+from torchpocket.utils import machine_description, seed_everything
 
 FP32 = "fp32"
 U8, S8 = QuantType.QUInt8, QuantType.QInt8
@@ -89,7 +89,6 @@ TP_FORMATS: dict[str, tuple[str, bool]] = {"tp-qdq-u8s8-reduce": ("on", False), 
                                            "tp-qdq-u8s8-fp32first": ("off", True)}
 FORMATS = (*ORT_FORMATS, *TP_FORMATS)
 
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni")  # the ones x86 int8 kernels depend on
 LABELS = {
     FP32: "fp32 (`export_onnx`)",
     "qdq-u8s8": "ORT QDQ, u8 act / s8 weights",
@@ -103,11 +102,6 @@ LABELS = {
     "tp-qdq-u8s8-reduce-fp32first": "torchpocket `--reduce-range on --int8-first-layer fp32`",
     "tp-qdq-u8s8-fp32first": "torchpocket `--reduce-range off --int8-first-layer fp32`",
 }
-
-
-def flag_line() -> str:
-    """``avx2 yes, avx512f no, ...``: the CPU features the int8 kernels depend on, for the table header."""
-    return ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu_flags().items() if k in FLAGS)
 
 
 # ----------------------------------------------------------------------------- data

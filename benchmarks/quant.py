@@ -45,6 +45,7 @@ from torch import nn
 
 from torchpocket.errors import UserError
 from torchpocket.export import (
+    choose_first_layer,
     compare_onnx_latency,
     export_int8_onnx,
     export_onnx,
@@ -117,6 +118,8 @@ def int8_rows(bench: Bench, name: str, fp: nn.Module, seed: int, tmp: Path, base
     fp_cpu, q_cpu = copy.deepcopy(fp).cpu().eval(), copy.deepcopy(q).cpu().eval()
     p32 = export_onnx(fp_cpu, tmp / f"{name}.onnx", shape)
     p8 = export_int8_onnx(q_cpu, tmp / f"{name}.int8.onnx", shape)
+    first, _ = choose_first_layer(p8, p32, shape, learner.config.int8_first_layer, threads=torch.get_num_threads(),
+                                  repeats=a.latency_repeats)  # what the learner's deploy ships
     n = agree = ok8 = 0
     s8 = onnx_session(p8, threads=torch.get_num_threads())
     for x, y in bench.data.loader("test", batch_size=500):
@@ -143,7 +146,11 @@ def int8_rows(bench: Bench, name: str, fp: nn.Module, seed: int, tmp: Path, base
          f"{vs_base[64] / ort[64]['int8']:.2f}x", f"{eager[1] / ort[1]['int8']:.2f}x"],
     ]
     note = (f"{name}: top-1 agreement int8 ONNX vs PyTorch fake-quant {100 * agree / n:.2f}% of {n} test images; "
-            f"8-bit QAT re-training {secs:.0f}s; accuracy change fp32 -> int8 {100 * ok8 / n - acc_fp:+.2f} points")
+            f"8-bit QAT re-training {secs:.0f}s; accuracy change fp32 -> int8 {100 * ok8 / n - acc_fp:+.2f} points; "
+            f"8-bit weights {'7-bit range' if learner.reduce_range else 'full range'} ({learner.reduce_range_why}); "
+            f"first convolution in {first['chosen']} (--int8-first-layer {first['setting']}"
+            + (", batch-64 speed-ups measured: int8 {int8:.2f}x, fp32 {fp32:.2f}x".format(
+                **first["measured_speedup_b64"]) if "measured_speedup_b64" in first else "") + ")")
     return rows, note, p32
 
 
@@ -271,7 +278,7 @@ def main() -> None:
                           right=[False, False] + [True] * 9), out, first=False)
             emit("\n".join(f"- {n}" for n in notes) + f"\n- seed {seed}; pruned: uniform policy at FLOPs target "
                  f"{args.targets[0]}, {args.prune_retrain_epochs} epoch(s) of distilled re-training; int8: 8-bit "
-                 "QAT (weights per channel, 7-bit range for ORT's AVX2 kernels; activations per tensor, EMA ranges) "
+                 "QAT (weights per channel, range by --reduce-range auto; activations per tensor, EMA ranges) "
                  "with the re-training budget, exported as QDQ with the learned scales (no re-calibration). "
                  "Latency: ONNX Runtime CPU, models alternated per repeat (the pruned rows time the baseline's fp32 "
                  "file in the same rounds: `int8 vs ORT baseline fp32` is prune + quantize against the original), "

@@ -370,7 +370,7 @@ def compare_onnx_latency(paths: dict[str, str | os.PathLike], input_shape: tuple
 INT8_MIN_AGREEMENT = 0.99  # top-1 agreement of the exported integer model with the fake-quant model
 
 
-def _first_layer_choice(p8: Path, fp32_onnx: Path, shape: tuple[int, ...], setting: str, *, threads: int,
+def choose_first_layer(p8: Path, fp32_onnx: Path, shape: tuple[int, ...], setting: str, *, threads: int,
                         repeats: int) -> tuple[dict[str, Any], dict[str, float] | None]:
     """Apply ``--int8-first-layer`` to ``p8`` in place. ``auto``: time fp32, int8 and int8 with an fp32 first
     convolution round-robin at batch 64 and keep the faster int8 file. Returns the record for summary.json and
@@ -405,7 +405,7 @@ def int8_summary(model: nn.Module, fp32_onnx: Path, data: Any, out_dir: Path, *,
 
     ``data`` is the run's :class:`~torchpocket.datasets.DataBundle` (its test split is read).
     ``first_layer`` (``--int8-first-layer``): the first convolution in ``int8``, in ``fp32``
-    (:func:`float_first_conv`), or ``auto``: whichever runs faster at batch 64 here (:func:`_first_layer_choice`).
+    (:func:`float_first_conv`), or ``auto``: whichever runs faster at batch 64 here (:func:`choose_first_layer`).
 
     Test accuracy of both in ONNX Runtime, top-1 agreement of the int8 model with the PyTorch
     fake-quant model on the test split (warned below 99%), file sizes, and latency at batch 1 and 64
@@ -415,7 +415,7 @@ def int8_summary(model: nn.Module, fp32_onnx: Path, data: Any, out_dir: Path, *,
     threads = torch.get_num_threads()
     try:
         p8 = export_int8_onnx(model, out_dir / "model.int8.onnx", shape)
-        first, lat64 = _first_layer_choice(p8, fp32_onnx, shape, first_layer, threads=threads, repeats=repeats)
+        first, lat64 = choose_first_layer(p8, fp32_onnx, shape, first_layer, threads=threads, repeats=repeats)
     except Exception as e:  # noqa: BLE001 - an unexportable op must not lose the finished run
         reason = " ".join(str(e).split())[:300]
         print(f"warning: int8 ONNX export skipped: {type(e).__name__}: {reason}", file=sys.stderr, flush=True)
