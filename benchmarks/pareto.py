@@ -22,6 +22,8 @@ trial log and are skipped once ``result.json`` exists, so the benchmark spans se
         --window 0.2 0.8 --threads 2 --cells benchmarks/pareto-cells --single-cells benchmarks/search-cells \\
         --picks 0.3 0.4 0.5 --out benchmarks/pareto.md --plot benchmarks/pareto.png
 
+``--optimizers`` takes ``--hpo`` names and ``evolution-random`` (NSGA-II with ``--evolution-init random``, the
+first generation drawn at random as before the perturbed-uniform first generation became the default).
 ``--report-only`` rebuilds the tables and the plot from the cells without running anything.
 """
 
@@ -46,6 +48,10 @@ from torchpocket.pipeline.search import SearchResult
 from torchpocket.utils import atomic_write_text, seed_everything
 
 OPTIMIZERS = ("evolution", "tpe", "random")
+#: benchmark names for an optimizer with other options: name -> (--hpo, {section: {option: value}})
+VARIANTS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
+    "evolution-random": ("evolution", {"evolution": {"init": "random"}}),  # NSGA-II's random first generation
+}
 AT = (0.3, 0.4, 0.5, 0.6)
 
 
@@ -55,7 +61,10 @@ def cell_name(net: str, lo: float, hi: float, optimizer: str, episodes: int, see
 
 def run_cell(bench: Any, cell: Path, *, optimizer: str, seed: int, lo: float, hi: float) -> dict[str, Any]:
     a = bench.args
-    cfg = bench.config(hpo=optimizer, seed=seed, target=hi, episodes=a.episodes)
+    hpo, options = VARIANTS.get(optimizer, (optimizer, {}))
+    cfg = bench.config(hpo=hpo, seed=seed, target=hi, episodes=a.episodes)
+    for section, values in options.items():
+        cfg[section].update(values)
     cfg["search"]["pareto"] = f"{lo}:{hi}"
     cell.mkdir(parents=True, exist_ok=True)
     if (cell / "search_state.pt").exists():

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torchpocket.errors import UserError
 from torchpocket.hpo import register_hpo
 from torchpocket.hpo.base import JournalOptimizer
 from torchpocket.hpo.gp import one_blas_thread
+from torchpocket.options import opt
 from torchpocket.space import Policy, SearchSpace
 from torchpocket.utils import redact_url
 
@@ -68,10 +70,14 @@ class OptunaOptimizer(JournalOptimizer):
         # a new study starts uniform; a shared one is seeded by the worker whose create_study made it, so that
         # workers started together enqueue the uniform policies once
         if (created if self.storage is not None else not study.get_trials(deepcopy=False)):
-            for i, uniform in enumerate(self.uniform_policies()):
-                study.enqueue_trial(dict(zip(self.space.names, uniform)),
-                                    user_attrs={"kind": "uniform", "uniform_index": i})
+            self.seed_trials(study)
         return study
+
+    def seed_trials(self, study: optuna.Study) -> None:
+        """Enqueue what a new study starts with: the uniform policy (at every point of a Pareto window)."""
+        for i, uniform in enumerate(self.uniform_policies()):
+            study.enqueue_trial(dict(zip(self.space.names, uniform)),
+                                user_attrs={"kind": "uniform", "uniform_index": i})
 
     @property
     def multi_objective(self) -> bool:
@@ -265,14 +271,49 @@ def population_size(total_trials: int) -> int:
     return 50 if total_trials <= 0 else min(50, max(4, total_trials // 5))
 
 
+@dataclass
+class EvolutionConfig:
+    """NSGA-II's first generation (section ``evolution``)."""
+
+    init: str = opt("perturbed", "the first generation beyond the uniform seeds: perturbed (the uniform policy at "
+                    "the target, or at a random point of the --pareto window, each layer scaled by exp(N(0, "
+                    "--evolution-sigma^2)), then projected onto the budget) or random (Optuna's uniform sampling "
+                    "over the layer bounds)", flag="--evolution-init", choices=("perturbed", "random"))
+    sigma: float = opt(0.25, "spread of the perturbed first generation (log-scale, per layer)",
+                       flag="--evolution-sigma", positive=True)
+
+
 @register_hpo("evolution")
 class EvolutionOptimizer(OptunaOptimizer):
     """Evolutionary search (Optuna NSGAIISampler), population scaled to the number of trials"""
+
+    Config: ClassVar[type] = EvolutionConfig
+    section: ClassVar[str] = "evolution"
 
     def make_sampler(self) -> optuna.samplers.BaseSampler:
         from optuna.samplers import NSGAIISampler
 
         return NSGAIISampler(seed=self.seed, population_size=population_size(self.total_trials))
+
+    def seed_trials(self, study: optuna.Study) -> None:
+        """The uniform seeds, then (``--evolution-init perturbed``) the rest of the first generation as perturbed
+        uniform policies: a random first generation in a many-layer space sits far below the uniform policy,
+        and NSGA-II then spends generations climbing back to it."""
+        super().seed_trials(study)
+        cfg = self.config or EvolutionConfig()
+        if cfg.init != "perturbed":
+            return
+        import numpy as np
+
+        budget = self.space.budget
+        rng = np.random.default_rng(self.seed)
+        lows, highs = np.asarray(self.space.lows, float), np.asarray(self.space.highs, float)
+        n = population_size(self.total_trials) - len(self.uniform_policies())
+        for _ in range(max(0, n)):
+            frac = budget.target if budget.floor is None else float(rng.uniform(budget.floor, budget.target))
+            base = np.asarray(budget.uniform(fraction=frac), float)
+            x = np.clip(base * np.exp(cfg.sigma * rng.standard_normal(len(base))), lows, highs)
+            study.enqueue_trial(dict(zip(self.space.names, map(float, x))), user_attrs={"kind": "perturbed"})
 
 
 @register_hpo("optuna-gp")
