@@ -99,3 +99,36 @@ def test_two_workers_share_one_pareto_study(cache: str, tmp_path: Path) -> None:
     assert len(summaries) == 1, "the front is written once, by the worker that drew the last trial"
     block = json.loads(summaries[0].read_text())["pareto"]
     assert block["trials"] == BUDGET and block["front_size"] >= 1
+
+
+@pytest.mark.timeout(420)
+def test_a_worker_killed_mid_trial_has_its_trial_run_again_by_another(cache: str, tmp_path: Path) -> None:
+    """Three workers, heartbeat 1 s; one is SIGKILLed with a trial scored but not told (RUNNING in the study).
+    A live worker fails it after the 2 s grace period, runs it again in the same slot, and the study ends
+    with the budget exactly and one final stage."""
+    from torchpocket import faults
+
+    env = {**os.environ, "TORCHPOCKET_CACHE": cache, "PYTHONPATH": str(ROOT)}
+    url, study = f"sqlite:///{tmp_path / 'search.db'}", f"dead-{uuid.uuid4().hex[:8]}"
+    budget = 9
+    argv = [*TINY, "--hpo", "tpe", "--episodes", str(budget), "--storage", url, "--study-name", study,
+            "--heartbeat", "1"]
+    procs = [start([*argv, "--seed", str(i), "--out-dir", str(tmp_path / f"worker{i}")],
+                   {**env, faults.ENV: "trial-scored:2"} if i == 0 else env) for i in range(3)]
+    outs = ["".join(p.communicate(timeout=400)) for p in procs]
+    assert [p.returncode for p in procs] == [-9, 0, 0], outs
+    stored = optuna.load_study(study_name=study, storage=url).get_trials(deepcopy=False)
+    failed = [t for t in stored if t.state == optuna.trial.TrialState.FAIL and "abandoned" not in t.user_attrs]
+    retried = [t for t in stored if t.system_attrs.get("retry_history")]
+    assert len(failed) == 1 and len(retried) == 1  # the dead worker's trial, failed once and run once more
+    assert retried[0].system_attrs["retry_history"] == [failed[0].number] and failed[0].number < budget
+    assert retried[0].state == optuna.trial.TrialState.COMPLETE and retried[0].params == failed[0].params
+    done = [t for t in stored if t.state == optuna.trial.TrialState.COMPLETE]
+    slots = sorted(t.system_attrs["retry_history"][0] if t.system_attrs.get("retry_history") else t.number
+                   for t in done)
+    assert slots == list(range(budget))  # every slot of the budget finished, none twice
+    logged = [json.loads(ln)["trial"] for f in tmp_path.glob("worker*/*/trials.jsonl")
+              for ln in f.read_text().splitlines()]
+    assert sorted(logged) == list(range(budget))  # the workers' logs hold every slot once, the retried one too
+    summaries = list(tmp_path.glob("worker*/*/summary.json"))
+    assert len(summaries) == 1 and json.loads(summaries[0].read_text())["trials"] == budget

@@ -71,9 +71,13 @@ class SearchConfig:
                                     "journal:///path/search.log (Optuna's JournalStorage, for one machine)")
     study_name: str | None = opt(None, "Optuna study name in --storage (default: derived from the run settings)")
     final_only: bool = opt(False, "with --storage: no search, run the final stage on the best trial stored (when "
-                                  "the worker that drew the last trial died)")
-    worker_wait: float = opt(3600.0, "with --storage: seconds the worker that drew the last trial waits for the "
-                                     "other workers' trials before its final stage")
+                                  "the worker that evaluated the last trial died)")
+    heartbeat: int = opt(30, "with --storage on SQLite or PostgreSQL: seconds between a worker's heartbeats; a "
+                             "trial with none for two intervals (its worker died) is failed and run again once by "
+                             "a live worker (0 = off; journal:// storage has no heartbeat)")
+    worker_wait: float = opt(3600.0, "with --storage: seconds a worker that has drawn its last trial waits for the "
+                                     "other workers' trials to finish (running a dead worker's trial again) "
+                                     "before the final stage")
     resume: str | None = opt(None, "run directory of a killed search: continue from its last finished trial")
     export_onnx: bool = opt(True, "write model.onnx and check it against PyTorch with ONNX Runtime")
     pareto: str | None = opt(None, "LO:HI: one multi-objective search for the whole accuracy-resource front, every "
@@ -240,7 +244,8 @@ def validate(cfg: dict[str, dict[str, Any]]) -> None:
     for section, f, _ in iter_fields():
         if f.metadata.get("positive") and section in cfg and cfg[section][f.name] <= 0:
             raise UserError(f"{flag_of(section, f)} must be positive, got {cfg[section][f.name]}")
-    for key, where in (("threads", "run"), ("reward_val_size", "search"), ("ft_steps", "search")):
+    for key, where in (("threads", "run"), ("reward_val_size", "search"), ("ft_steps", "search"),
+                       ("heartbeat", "search"), ("worker_wait", "search")):
         if cfg[where][key] < 0:
             raise UserError(f"--{key.replace('_', '-')} must not be negative, got {cfg[where][key]}")
     for name, cls in SECTIONS.items():  # a component's own cross-field checks (quant: --bits)

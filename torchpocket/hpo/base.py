@@ -55,16 +55,17 @@ class Optimizer(ABC):
     section: ClassVar[str | None] = None  # the name of that section
 
     def __init__(self, space: SearchSpace, *, seed: int = 0, total_trials: int = 0, config: Any = None,
-                 storage: str | None = None, study_name: str | None = None) -> None:
+                 storage: str | None = None, study_name: str | None = None, heartbeat: int = 0) -> None:
         self.space, self.seed, self.total_trials = space, seed, total_trials
         self.config = self.make_config(config)
-        self.storage, self.study_name = storage, study_name
+        self.storage, self.study_name, self.heartbeat = storage, study_name, int(heartbeat)
         self.history: list[tuple[Policy, float]] = []
         self.last_kind: str = "search"  # the kind (TRIAL_KINDS) of the policy the latest ask() returned
         self.seeded = False  # the uniform first trial (every uniform point of a Pareto window) has been asked
         self.n_seeded = 0  # uniform trials asked so far
         self._uniform: list[Policy] | None = None
         self.last_number = -1  # number of the latest asked trial (study-wide in a shared study)
+        self.last_slot = -1  # the budget slot it fills: its number, or for a retried trial the original's
 
     @classmethod
     def default_config(cls) -> Any:
@@ -134,8 +135,12 @@ class Optimizer(ABC):
         """Give back an asked trial without scoring it (over the shared budget)."""
 
     def shared_trials(self) -> list[dict[str, Any]]:
-        """Every trial of the shared study, all workers, oldest first: number, state, value, attributes."""
+        """Every trial of the shared study, all workers, oldest first: number, slot (the budget slot: the
+        number, or for a trial run again after its worker died the original's), state, value, attributes."""
         raise NotImplementedError(f"{type(self).__name__} keeps no shared study (parallel = False)")
+
+    def reap_stale(self) -> None:
+        """Fail the trials of workers that died (no heartbeat), which puts each back once to run again."""
 
     @staticmethod
     def pop_pending(pending: list[Any], policy: Policy) -> Any:

@@ -66,7 +66,7 @@ class OptunaOptimizer(JournalOptimizer):
             study = optuna.create_study(sampler=sampler, directions=self.directions, study_name=self.study_name)
         else:
             study, created = open_shared_study(self.storage, self.study_name or DEFAULT_STUDY_NAME, sampler,
-                                               seed=self.seed, directions=self.directions)
+                                               seed=self.seed, directions=self.directions, heartbeat=self.heartbeat)
         # a new study starts uniform; a shared one is seeded by the worker whose create_study made it, so that
         # workers started together enqueue the uniform policies once
         if (created if self.storage is not None else not study.get_trials(deepcopy=False)):
@@ -92,11 +92,15 @@ class OptunaOptimizer(JournalOptimizer):
 
     def _ask_trial(self) -> tuple[Policy, int]:
         lows, highs = self.space.lows, self.space.highs
+        self.reap_stale()
         with one_blas_thread():
             trial = self.study.ask()
             x = [trial.suggest_float(name, float(lo), float(hi)) for name, lo, hi in zip(self.space.names, lows, highs)]
         self._live[trial.number] = trial
+        self._beat(trial)
         self.last_number = trial.number
+        self.last_slot = (_slot(trial.number, self.study._storage.get_trial_system_attrs(trial._trial_id))
+                          if self.storage is not None else trial.number)
         self.last_kind = "uniform" if trial.user_attrs.get("kind") == "uniform" else "search"
         if self.last_kind == "uniform":
             self.seeded = True
@@ -151,9 +155,38 @@ class OptunaOptimizer(JournalOptimizer):
         self.record_tell(item[1], None)
 
     def shared_trials(self) -> list[dict[str, Any]]:
-        """Every trial of the study (all workers), oldest first: number, state, value and user attributes."""
-        return [{"number": t.number, "state": t.state.name, "value": t.values[0] if t.values else None,
-                 **t.user_attrs} for t in self.study.get_trials(deepcopy=False)]
+        """Every trial of the study (all workers), oldest first: number, slot, state, value and user attributes."""
+        return [{"number": t.number, "slot": _slot(t.number, t.system_attrs), "state": t.state.name,
+                 "value": t.values[0] if t.values else None, **t.user_attrs}
+                for t in self.study.get_trials(deepcopy=False)]
+
+    def reap_stale(self) -> None:
+        if self.storage is not None and self.heartbeat > 0:
+            from optuna.storages import fail_stale_trials
+
+            fail_stale_trials(self.study)
+
+    # -- heartbeat: a daemon thread beats for every trial this worker has asked and not yet told -----------
+    def _beat(self, trial: optuna.trial.Trial) -> None:
+        if self.storage is None or self.heartbeat <= 0 or not hasattr(self.study._storage, "record_heartbeat"):
+            return
+        self.study._storage.record_heartbeat(trial._trial_id)  # at once, as Optuna's own heartbeat thread does
+        if getattr(self, "_beater", None) is None:
+            import threading
+
+            self._beater = threading.Thread(target=self._beat_loop, name="torchpocket-heartbeat", daemon=True)
+            self._beater.start()
+
+    def _beat_loop(self) -> None:
+        import time
+
+        while True:
+            time.sleep(self.heartbeat)
+            for trial in list(self._live.values()):
+                try:
+                    self.study._storage.record_heartbeat(trial._trial_id)
+                except Exception:  # noqa: BLE001 - a missed beat is retried at the next interval
+                    pass
 
     # -- resume: reattach to the storage, or replay the journal into a fresh in-memory study -----------
     def new_engine(self) -> None:
@@ -184,15 +217,31 @@ class OptunaOptimizer(JournalOptimizer):
 _RACES = ("already exists", "unique constraint", "duplicate key", "integrityerror", "database is locked")
 
 
-def make_storage(url: str) -> Any:
+def _slot(number: int, system_attrs: dict[str, Any]) -> int:
+    """The budget slot of a trial: its number, or for one put back after its worker died the original's."""
+    history = system_attrs.get("retry_history") or []
+    return int(history[0]) if history else int(number)
+
+
+def make_storage(url: str, *, heartbeat: int = 0) -> Any:
     """``journal:///path/file.log``: Optuna's JournalStorage on a file (what Optuna recommends for several processes
-    on one machine); anything else: an RDB URL (``sqlite:///...``, ``postgresql://...``)."""
-    from optuna.storages import RDBStorage
+    on one machine); anything else: an RDB URL (``sqlite:///...``, ``postgresql://...``).
+
+    ``heartbeat`` > 0 (RDB only): Optuna's heartbeat, every ``heartbeat`` seconds, grace period two intervals; a
+    trial whose worker stopped beating is failed by the next worker to look, and put back once, WAITING, with
+    the same parameters (``RetryFailedTrialCallback``)."""
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 
     if url.startswith("journal://"):
         return JournalStorage(JournalFileBackend(url[len("journal://"):]))
-    storage = RDBStorage(url)
+    beat: dict[str, Any] = {}
+    if heartbeat > 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks the retry callback experimental
+            beat = {"heartbeat_interval": int(heartbeat), "grace_period": 2 * int(heartbeat),
+                    "failed_trial_callback": RetryFailedTrialCallback(max_retry=1)}
+    storage = RDBStorage(url, **beat)
     if storage.engine.dialect.name == "sqlite":
         _serialise_sqlite(storage.engine)
     return storage
@@ -219,7 +268,7 @@ def _serialise_sqlite(engine: Any) -> None:
 
 
 def open_shared_study(url: str, name: str, sampler: Any, *, seed: int, tries: int = 12,
-                      directions: list[str] | None = None) -> tuple[optuna.Study, bool]:
+                      directions: list[str] | None = None, heartbeat: int = 0) -> tuple[optuna.Study, bool]:
     """Create or load study ``name`` in ``url``, race-free: workers started together retry with jittered backoff
     when another one is creating the schema at that instant. Returns the study and whether this call created it
     (exactly one of the workers racing to create a study gets True: the storage's unique study name decides).
@@ -232,7 +281,7 @@ def open_shared_study(url: str, name: str, sampler: Any, *, seed: int, tries: in
     rng = random.Random(seed)
     for attempt in range(tries):
         try:
-            storage = make_storage(url)
+            storage = make_storage(url, heartbeat=heartbeat)
             try:
                 study = optuna.create_study(storage=storage, study_name=name, directions=directions or ["maximize"],
                                             sampler=sampler)

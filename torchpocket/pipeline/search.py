@@ -336,19 +336,23 @@ def search(learner: Learner, model: nn.Module, data: DataBundle, cfg: dict[str, 
     pick_only = bool(sc["pick"] and sc["resume"])  # choose from the trials there: finished or not, no new search
     bar = progress(total=episodes, desc=f"search ({run['hpo']})", quiet=run["quiet"] or pick_only)
     bar.update(len(s.trials))
-    while not pick_only and (nxt := source.next(len(s.trials))) is not None:
-        policy = distributed.broadcast_object(list(nxt[0]))  # under torchrun rank 0 decides for every rank
-        record = s.trial(policy, nxt[1])
-        best = max((x["reward"] for x in s.trials if x["status"] == "ok"), default=float("nan"))
-        bar.update(1)
-        bar.set_postfix_str(f"best reward {best:.4f} last acc {record['val_acc']:.2f}% "
-                            f"res {record['resource']:.3f} {record['seconds']:.1f}s")
+    while not pick_only:
+        while (nxt := source.next(len(s.trials))) is not None:
+            policy = distributed.broadcast_object(list(nxt[0]))  # under torchrun rank 0 decides for every rank
+            record = s.trial(policy, nxt[1])
+            best = max((x["reward"] for x in s.trials if x["status"] == "ok"), default=float("nan"))
+            bar.update(1)
+            bar.set_postfix_str(f"best reward {best:.4f} last acc {record['val_acc']:.2f}% "
+                                f"res {record['resource']:.3f} {record['seconds']:.1f}s")
+        # a shared study: every worker stays until the budget is finished, to run again a dead worker's trial
+        if not sc["storage"] or sc["final_only"] or not workers.wait_for_budget(s.optimizer, episodes,
+                                                                                 wait=sc["worker_wait"]):
+            break
     bar.close()
     if sc["storage"]:
         if not pick_only and not workers.runs_final_stage(s.trials, episodes, cfg):
             return s.result(time.perf_counter() - start, final=False)
-        s.trials = workers.shared_trials(s.optimizer, episodes, run["hpo"],
-                                         wait=0.0 if sc["final_only"] or pick_only else sc["worker_wait"])
+        s.trials = workers.shared_trials(s.optimizer, episodes, run["hpo"], wait=0.0)
     return s.result(time.perf_counter() - start)
 
 

@@ -36,7 +36,8 @@ def storage_kwargs(hpo_cls: type[Optimizer], cfg: dict[str, Any]) -> dict[str, A
         names = ", ".join(n for n in HPOS.names() if HPOS.get(n).parallel)
         raise UserError(f"--storage needs an Optuna-backed optimizer ({names}), not {run['hpo']!r}")
     # one study for every worker; each worker's sampler gets its own seed so they do not propose alike
-    return {"storage": sc["storage"], "study_name": study_name(cfg), "seed": run["seed"] + os.getpid()}
+    return {"storage": sc["storage"], "study_name": study_name(cfg), "seed": run["seed"] + os.getpid(),
+            "heartbeat": sc["heartbeat"]}
 
 
 class TrialSource:
@@ -52,10 +53,26 @@ class TrialSource:
         if not self.shared:
             return (self.optimizer.ask(), done) if done < self.episodes else None
         policy = self.optimizer.ask()
-        if self.optimizer.last_number >= self.episodes:  # the other workers used the budget up
+        if self.optimizer.last_slot >= self.episodes:  # the other workers used the budget up
             self.optimizer.abandon(policy, "over the shared budget")
             return None
-        return policy, self.optimizer.last_number
+        return policy, self.optimizer.last_slot  # a dead worker's trial run again fills that trial's slot
+
+
+def wait_for_budget(optimizer: Optimizer, episodes: int, *, wait: float) -> bool:
+    """Once this worker has drawn no trial in the budget: wait until every slot of it is finished (at most
+    ``wait`` seconds), failing the trials of dead workers on the way (the storage's heartbeat). True when a
+    dead worker's trial has been put back to run again (this worker should ask for it), False when the
+    budget is finished or the wait is over."""
+    deadline = time.monotonic() + wait
+    while True:
+        optimizer.reap_stale()
+        rows = [r for r in optimizer.shared_trials() if r["slot"] < episodes]
+        if any(r["state"] == "WAITING" for r in rows):
+            return True
+        if not any(r["state"] == "RUNNING" for r in rows) or time.monotonic() >= deadline:
+            return False
+        time.sleep(min(1.0, max(0.05, optimizer.heartbeat / 4)) if optimizer.heartbeat else 1.0)
 
 
 def runs_final_stage(trials: list[dict[str, Any]], episodes: int, cfg: dict[str, Any]) -> bool:
@@ -73,7 +90,7 @@ def shared_trials(optimizer: Optimizer, episodes: int, hpo: str, *, wait: float)
     seconds have passed): the union that the final stage chooses from."""
     deadline = time.monotonic() + wait
     while True:
-        rows = [r for r in optimizer.shared_trials() if r["number"] < episodes]
+        rows = [r for r in optimizer.shared_trials() if r["slot"] < episodes]
         if all(r["state"] not in ("RUNNING", "WAITING") for r in rows) or time.monotonic() >= deadline:
             break
         time.sleep(1.0)
@@ -81,10 +98,11 @@ def shared_trials(optimizer: Optimizer, episodes: int, hpo: str, *, wait: float)
     for r in rows:
         if r["state"] != "COMPLETE" or "policy" not in r:
             continue
-        out.append({"trial": r["number"], "optimizer": hpo, "kind": r.get("kind", "search"),
+        out.append({"trial": r["slot"], "optimizer": hpo, "kind": r.get("kind", "search"),
                     "policy": [float(v) for v in r["policy"]], "resource": r.get("resource"),
                     "status": r.get("status", "ok"), "val_acc": r.get("val_acc"), "reward": float(r["value"]),
-                    "seconds": r.get("seconds"), "worker": r.get("worker")})
+                    "seconds": r.get("seconds"), "worker": r.get("worker"),
+                    **({"retry_of_number": r["number"]} if r["slot"] != r["number"] else {})})
     running = sum(r["state"] == "RUNNING" for r in rows)
     print(f"shared study: {len(out)} finished trials of {episodes}" + (f", {running} still running (not waited for)"
                                                                          if running else ""), flush=True)
