@@ -206,6 +206,28 @@ def test_user_network_concat_depthwise_and_residual() -> None:
     assert isinstance(cand, UserNet)
 
 
+def test_dense_concat_with_unpruned_slices_meets_the_budget_exactly() -> None:
+    """A DenseNet layer's input is the block input (one group) cat the earlier layers' outputs, which no group
+    prunes: the cost model keeps those slices in the width, so the promise is the FLOPs the model really has
+    (it promised 0.497 and delivered 0.290 on densenet121 before)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.DenseNet(growth_rate=8, block_config=(3, 3), num_init_features=16, bn_size=2,
+                                        num_classes=10).eval()
+    lrn = learner(model)
+    x = data().val.x[:1]
+    for target in (0.7, 0.5):
+        space = lrn.search_space(model, target)
+        for policy in (space.budget.uniform(), space.budget.project(list(np.linspace(0.3, 1.0, len(space))))):
+            cand = lrn.compress(model, policy).eval()
+            measured = flops_of(cand, x) / flops_of(model, x)
+            assert measured == pytest.approx(space.budget.fraction(policy), rel=1e-9)
+            assert measured <= target + 1e-9
+            shares = np.asarray(space.budget.layer_costs(policy))  # each group's share: non-negative, and they add up
+            assert np.all(shares >= 0) and shares.sum() <= space.budget.cost(policy) + 1e-6
+
+
 def masked(model: nn.Module, ops: list) -> nn.Module:
     """The original model with the recorded channels zeroed instead of removed."""
     m = copy.deepcopy(model)

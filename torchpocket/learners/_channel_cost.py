@@ -45,13 +45,14 @@ class CostModel:
         self.class_group = np.asarray(cls_group, np.int64)
         self.class_size = np.asarray(cls_size, np.int64)
         self.class_units = cls_units
-        # kept indices of member i = cnt[i] @ kept units per class
-        item_index: dict[tuple[str, str], int] = {}
+        # kept indices of member i = cnt[i] @ kept units per class. A module's input (or a norm's channels) after a
+        # torch.cat is a member of several groups, one slice each, and may hold slices of no group
+        item_index: dict[tuple[str, str], list[int]] = {}
         rows = []
         item_group = []
         for gi, g in enumerate(groups):
             for m in g.members:
-                item_index[(m.module, m.handler)] = len(rows)
+                item_index.setdefault((m.module, m.handler), []).append(len(rows))
                 row = np.zeros(len(cls_group))
                 for q, (qg, units) in enumerate(zip(cls_group, cls_units)):
                     if qg == gi:
@@ -60,38 +61,47 @@ class CostModel:
                 item_group.append(gi)
         self.cnt = np.asarray(rows).reshape(len(rows), len(cls_group))
         mods = [lay for lay in info.layers.values() if lay.type != "gconv"]
-        in_item, out_item, in0, out0, fa, pa, pb, own = [], [], [], [], [], [], [], []
-        for lay in mods:
+        n_items = len(rows)
+        self.m_in, self.m_out = np.zeros((len(mods), n_items)), np.zeros((len(mods), n_items))
+        in0, out0, fa, pa, pb = [], [], [], [], []
+        owner_items: list[list[int]] = []
+        for i, lay in enumerate(mods):
             t = lay.type
             if t == "conv":
-                ii = item_index.get((lay.name, "prune_conv_in_channels"), -1)
-                oi = item_index.get((lay.name, "prune_conv_out_channels"), -1)
+                ii = item_index.get((lay.name, "prune_conv_in_channels"), [])
+                oi = item_index.get((lay.name, "prune_conv_out_channels"), [])
                 a_f, a_p = 2.0 * lay.positions * lay.kk, float(lay.kk)
                 i0 = lay.in0
             elif t == "linear":
-                ii = item_index.get((lay.name, "prune_linear_in_channels"), -1)
-                oi = item_index.get((lay.name, "prune_linear_out_channels"), -1)
+                ii = item_index.get((lay.name, "prune_linear_in_channels"), [])
+                oi = item_index.get((lay.name, "prune_linear_out_channels"), [])
                 a_f, a_p = 2.0 * lay.positions, 1.0
                 i0 = lay.in0
             elif t == "dwconv":
-                ii, oi = -1, item_index.get((lay.name, "prune_depthwise_conv_out_channels"), -1)
+                ii, oi = [], item_index.get((lay.name, "prune_depthwise_conv_out_channels"), [])
                 a_f, a_p, i0 = 2.0 * lay.positions * lay.kk, float(lay.kk), 1
             else:  # bn
-                ii, oi = -1, item_index.get((lay.name, "prune_batchnorm_out_channels"), -1)
+                ii, oi = [], item_index.get((lay.name, "prune_batchnorm_out_channels"), [])
                 a_f, a_p, i0 = 0.0, 2.0 if lay.bias else 0.0, 1
-            in_item.append(ii)
-            out_item.append(oi)
+            self.m_in[i, ii] = 1.0
+            self.m_out[i, oi] = 1.0
             in0.append(i0)
             out0.append(lay.out0)
             fa.append(a_f)
             pa.append(a_p)
             pb.append(1.0 if (lay.bias and t != "bn") else 0.0)
-            g_own = item_group[ii] if ii >= 0 else (item_group[oi] if (oi >= 0 and t in ("dwconv", "bn")) else -1)
-            own.append(g_own)
-        self.in_item, self.out_item = np.asarray(in_item, np.int64), np.asarray(out_item, np.int64)
+            owner_items.append(list(ii) if ii else (list(oi) if t in ("dwconv", "bn") else []))
         self.in0, self.out0 = np.asarray(in0, float), np.asarray(out0, float)
         self.fa, self.pa, self.pb = np.asarray(fa), np.asarray(pa), np.asarray(pb)
-        self.owner = np.asarray(own, np.int64)
+        # each module's cost is shared by the groups that own it (a cat consumer: in proportion to each group's
+        # slice of its input at full width)
+        full_kept = self.cnt @ self.class_size.astype(float) if self.cnt.size else np.zeros(n_items)
+        self.full_kept = full_kept
+        self.share = np.zeros((len(mods), len(groups)))
+        for i, items in enumerate(owner_items):
+            total = sum(full_kept[j] for j in items)
+            for j in items:
+                self.share[i, item_group[j]] += full_kept[j] / total if total else 1.0 / len(items)
         self.names = [lay.name for lay in mods]  # the modules of the per-module arrays, in order
         self.types = [lay.type for lay in mods]
         full_counts = self.class_size.copy()
@@ -127,10 +137,11 @@ class CostModel:
 
         Linear layers count input *features*; depthwise convs and norms have an input width of 1 here.
         """
-        kept = self.cnt @ counts.astype(float) if self.cnt.size else np.zeros(0)
-        cin = np.where(self.in_item >= 0, kept[np.maximum(self.in_item, 0)] if kept.size else 0.0, self.in0)
-        cout = np.where(self.out_item >= 0, kept[np.maximum(self.out_item, 0)] if kept.size else 0.0, self.out0)
-        return cin, cout
+        kept = self.cnt @ counts.astype(float) if self.cnt.size else np.zeros(self.m_in.shape[1])
+        cut = kept - self.full_kept  # <= 0: what each member lost
+        # the full width less what its members lost: a slice no group prunes (a torch.cat input from an
+        # unprunable producer) stays in the width
+        return self.in0 + self.m_in @ cut, self.out0 + self.m_out @ cut
 
     def _per_module(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         cin, cout = self.widths(counts)
@@ -146,7 +157,6 @@ class CostModel:
         """Per-group share of the cost: the group's consumers and the depthwise convs / norms it owns."""
         f, p = self._per_module(self.counts(policy))
         v = f if resource == "flops" else p
-        mask = self.owner >= 0
-        return np.bincount(self.owner[mask], weights=v[mask], minlength=self.n_groups)
+        return v @ self.share
 
 

@@ -71,7 +71,7 @@ class LatencyModel:
         self.measured_full, self.meta = float(measured_full), meta
         self._varying = [e for e in entries if e.table.size > 1]
         self.fixed = self.rest + sum(e.calls * float(e.table[0, 0]) for e in entries if e.table.size == 1)
-        self._owner = [int(cost.owner[e.index]) for e in entries]
+        self._share = cost.share[[e.index for e in entries]] if entries else np.zeros((0, cost.n_groups))
 
     @property
     def full(self) -> float:
@@ -111,12 +111,8 @@ class LatencyModel:
 
     def layer_costs(self, policy: Sequence[float]) -> np.ndarray:
         """Per-group share of the predicted latency (the layers each group owns, as for FLOPs)."""
-        secs = self._layer_seconds(policy, self.entries)
-        out = np.zeros(self.cost.n_groups)
-        for o, v in zip(self._owner, secs):
-            if o >= 0:
-                out[o] += v
-        return out
+        secs = np.asarray(self._layer_seconds(policy, self.entries), float)
+        return secs @ self._share if len(secs) else np.zeros(self.cost.n_groups)
 
 
 def _trace_layers(net: nn.Module, x: Tensor) -> dict[str, tuple[tuple[int, ...], int, list[nn.Module]]]:
@@ -250,13 +246,13 @@ def build_latency_model(model: nn.Module, example: Tensor, cost: CostModel, *, l
         if kind not in ("conv", "dwconv", "linear") or name not in trace:
             continue
         in_shape, calls, extras = trace[name]
-        if cost.out_item[k] >= 0:
+        if cost.m_out[k].any():
             cout = width_grid(lo_out[k], full_out[k], points, reach_out[:, k])
         else:
             cout = np.array([int(full_out[k])])
         if kind == "dwconv":
             cin = np.array([1])
-        elif cost.in_item[k] >= 0:
+        elif cost.m_in[k].any():
             cin = width_grid(lo_in[k], full_in[k], points, reach_in[:, k])
         else:
             cin = np.array([int(full_in[k])])
