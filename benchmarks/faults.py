@@ -74,21 +74,41 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", type=int, default=50, help="random kill points (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the draws (default: %(default)s)")
-    ap.add_argument("--max-visit", type=int, default=3, help="visits to draw from (default: %(default)s)")
+    ap.add_argument("--max-visit", type=int, default=3, help="with --draw any: visits to draw from "
+                    "(default: %(default)s)")
+    ap.add_argument("--draw", choices=("any", "reached"), default="any",
+                    help="any: a point of POINTS and a visit in 1..--max-visit (some never come); reached: a "
+                         "point and a visit the reference run made (counted with TORCHPOCKET_FAULT_LOG), so "
+                         "every draw kills (default: %(default)s)")
     ap.add_argument("--cells", default="benchmarks/fault-cells", help="one JSON file per row")
     ap.add_argument("--out", default=None, help="markdown file for the table (it is printed too)")
     args = ap.parse_args()
     cells = Path(args.cells)
     cells.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
-    draws = [(rng.choice(faults.POINTS), rng.randint(1, args.max_visit)) for _ in range(args.points)]
+    prefix = f"s{args.seed}" if args.draw == "any" else f"r{args.seed}"
     with tempfile.TemporaryDirectory(prefix="torchpocket-faults") as tmp:
         env = {**os.environ, "TORCHPOCKET_CACHE": str(Path(tmp) / "cache"), "PYTHONPATH": str(ROOT)}
         env.pop(faults.ENV, None)
-        assert run([*ARGV, "--out-dir", str(Path(tmp) / "ref")], env) == 0, "the reference run failed"
+        visits = Path(tmp) / "visits.txt"
+        assert run([*ARGV, "--out-dir", str(Path(tmp) / "ref")], {**env, faults.LOG_ENV: str(visits)}) == 0, \
+            "the reference run failed"
         (ref,) = (Path(tmp) / "ref").iterdir()
+        if args.draw == "any":
+            draws = [(rng.choice(faults.POINTS), rng.randint(1, args.max_visit)) for _ in range(args.points)]
+        else:  # visits counted in a second run of the same command: the first one also trained the baseline
+            visits.unlink()
+            assert run([*ARGV, "--out-dir", str(Path(tmp) / "count")], {**env, faults.LOG_ENV: str(visits)}) == 0
+            counts: dict[str, int] = {}
+            for name in visits.read_text().split():
+                counts[name] = counts.get(name, 0) + 1
+            made = sorted(counts)
+            draws = []
+            for _ in range(args.points):
+                point = rng.choice(made)
+                draws.append((point, rng.randint(1, counts[point])))
         for i, (point, visit) in enumerate(draws):
-            cell = cells / f"s{args.seed}-{i:03d}.json"
+            cell = cells / f"{prefix}-{i:03d}.json"
             if cell.exists():
                 continue
             out = Path(tmp) / f"r{i}"
@@ -103,7 +123,7 @@ def main() -> None:
             row["seconds"] = round(time.perf_counter() - t0, 1)
             atomic_write_text(cell, json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
-    table(sorted(cells.glob(f"s{args.seed}-*.json")), args)
+    table(sorted(cells.glob(f"{prefix}-*.json")), args)
 
 
 def table(paths: list[Path], args: argparse.Namespace) -> None:

@@ -65,3 +65,16 @@ def test_kill_9_at_ten_points_then_resume_ends_as_the_uninterrupted_run(tmp_path
     assert s["compressed"]["test_acc"] == r["compressed"]["test_acc"] and s["trials"] == 4
     assert (run_dir / "report.html").is_file()
     assert not list(run_dir.glob("*.tmp*"))  # no partial file left behind
+
+
+def test_the_visit_log_counts_every_point_reached(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    from torchpocket import faults
+
+    log = Path(str(tmp_path)) / "visits.txt"
+    monkeypatch.setenv(faults.LOG_ENV, str(log))
+    monkeypatch.delenv(faults.ENV, raising=False)
+    for name in ("trial-start", "trial-start", "export"):
+        faults.point(name)  # no fault set: logged, not killed
+    assert log.read_text().split() == ["trial-start", "trial-start", "export"]
