@@ -92,9 +92,11 @@ def _resume_config(cfg: dict[str, Any]) -> dict[str, Any]:
     from torchpocket.config import default_config, merge
 
     d = Path(cfg["search"]["resume"])
-    if not (d / "config.yaml").is_file() or not (d / "trials.jsonl").exists() and not (d / "search_state.pt").exists():
+    # a run killed before its first trial was logged has only config.yaml and log.txt: it starts over there
+    if not (d / "config.yaml").is_file() or not any((d / f).exists() for f in ("trials.jsonl", "search_state.pt",
+                                                                                "log.txt")):
         raise UserError(f"--resume {d}: not a torchpocket run directory with a search to continue "
-                        "(expected config.yaml and search_state.pt)")
+                        "(expected config.yaml with search_state.pt, trials.jsonl or log.txt)")
     saved = merge(default_config(), yaml.safe_load((d / "config.yaml").read_text()), str(d / "config.yaml"))
     for key in ("quiet", "device", "threads"):
         saved["run"][key] = cfg["run"][key]
