@@ -187,8 +187,11 @@ def signals(args: argparse.Namespace, tmp: Path, env: dict[str, str]) -> list[li
     for sig in (signal.SIGINT, signal.SIGTERM):
         for name, pred in points.items():
             runs = tmp / f"sig-{sig.name}-{name.replace(' ', '_')}"
+            # SIGINT back to its default in the child: a shell starts background jobs with SIGINT ignored, and
+            # Python then installs no KeyboardInterrupt handler (Ctrl-C reaches a foreground run as this does)
             proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *argv, "--out-dir", str(runs)], env=env,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
             end = time.monotonic() + 600
             while not pred(runs) and proc.poll() is None and time.monotonic() < end:
                 time.sleep(0.02)
