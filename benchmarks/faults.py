@@ -135,7 +135,8 @@ def table(paths: list[Path], args: argparse.Namespace) -> None:
              f"finished), {sum(r.get('identical', False) for r in killed)}/{len(killed)} resumed runs identical "
              "(same decisions, same test accuracy, weights within 1e-4, no partial file)", "",
              "| point | draws | killed | resumed identical | largest weight difference |", "|---|---:|---:|---:|---:|"]
-    for point in faults.POINTS:
+    # the named points in order, then the other atomic writes a run made (write:report.html, ...)
+    for point in [*faults.POINTS, *sorted({r["point"] for r in rs} - set(faults.POINTS))]:
         g = [r for r in rs if r["point"] == point]
         if not g:
             continue
