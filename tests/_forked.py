@@ -2,7 +2,8 @@
 
 A fresh ``python run.py`` spends most of a tiny test run importing torch, torchvision, scikit-learn, Optuna,
 matplotlib and ONNX. The zygote is one helper process per test worker that imports all of that once, runs no
-tensor op (so no thread pool exists to break in a fork), and forks a child per :func:`start`. The child sets
+tensor op (the few idle threads those imports start hold no lock a child needs), and forks a child per
+:func:`start`. The child sets
 the environment, the working directory and its stdout / stderr files, then runs ``torchpocket.cli.main`` as
 ``run.py`` does and exits with its code. It is a process of its own: a signal (SIGTERM, SIGKILL) reaches only
 it, and its exit status reads as :class:`subprocess.Popen`'s does (``-9`` for SIGKILL). Tests of the installed
@@ -93,6 +94,7 @@ def _serve() -> None:
     _preload()
     reply = sys.stdout
     print(json.dumps({"ready": os.getpid()}), file=reply, flush=True)
+    children: set[int] = set()
     for line in sys.stdin:
         req = json.loads(line)
         if req["op"] == "spawn":
@@ -101,6 +103,7 @@ def _serve() -> None:
             pid = os.fork()
             if pid == 0:
                 _child(req)
+            children.add(pid)
             print(json.dumps({"pid": pid}), file=reply, flush=True)
         elif req["op"] == "wait":  # the exit code (Popen's convention), or None if still running at the timeout
             end = time.monotonic() + float(req["timeout"])
@@ -109,11 +112,20 @@ def _serve() -> None:
                 done, status = os.waitpid(req["pid"], os.WNOHANG)
                 if done:
                     code = os.waitstatus_to_exitcode(status)
+                    children.discard(req["pid"])
                     break
                 if time.monotonic() >= end:
                     break
                 time.sleep(0.02)
             print(json.dumps({"code": code}), file=reply, flush=True)
+    import signal
+
+    for pid in children:  # the test session is over (stdin closed): no run outlives it
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
 
 
 # ----------------------------------------------------------------------------- the test side
@@ -167,9 +179,13 @@ class _Zygote:
         atexit.register(self.close)
 
     def call(self, req: dict[str, Any]) -> dict[str, Any]:
-        self.proc.stdin.write(json.dumps(req) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
+        try:
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except BaseException:  # interrupted (a test's timeout): its reply would answer the next request
+            self.proc.kill()
+            raise
         if not line:
             raise RuntimeError(f"the test zygote died (exit {self.proc.poll()})")
         return json.loads(line)

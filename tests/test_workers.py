@@ -103,8 +103,8 @@ def test_two_workers_share_one_pareto_study(cache: str, tmp_path: Path) -> None:
 
 @pytest.mark.timeout(420)
 def test_a_worker_killed_mid_trial_has_its_trial_run_again_by_another(cache: str, tmp_path: Path) -> None:
-    """Three workers, heartbeat 1 s; one is SIGKILLed with a trial scored but not told (RUNNING in the study).
-    A live worker fails it after the 2 s grace period, runs it again in the same slot, and the study ends
+    """Three workers, heartbeat 2 s; one is SIGKILLed with a trial scored but not told (RUNNING in the study).
+    A live worker fails it after the 4 s grace period, runs it again in the same slot, and the study ends
     with the budget exactly and one final stage."""
     from torchpocket import faults
 
@@ -112,7 +112,7 @@ def test_a_worker_killed_mid_trial_has_its_trial_run_again_by_another(cache: str
     url, study = f"sqlite:///{tmp_path / 'search.db'}", f"dead-{uuid.uuid4().hex[:8]}"
     budget = 9
     argv = [*TINY, "--hpo", "tpe", "--episodes", str(budget), "--storage", url, "--study-name", study,
-            "--heartbeat", "1"]
+            "--heartbeat", "2"]
     procs = [start([*argv, "--seed", str(i), "--out-dir", str(tmp_path / f"worker{i}")],
                    {**env, faults.ENV: "trial-scored:2"} if i == 0 else env) for i in range(3)]
     outs = ["".join(p.communicate(timeout=400)) for p in procs]

@@ -142,6 +142,10 @@ class Optimizer(ABC):
     def reap_stale(self) -> None:
         """Fail the trials of workers that died (no heartbeat), which puts each back once to run again."""
 
+    def retries_dead(self) -> bool:
+        """Whether a dead worker's trial is failed and run again (a shared study with a heartbeat)."""
+        return False
+
     @staticmethod
     def pop_pending(pending: list[Any], policy: Policy) -> Any:
         """Remove and return the pending ask whose policy (its first element) equals ``policy``;

@@ -20,6 +20,7 @@ several objectives too.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -95,9 +96,9 @@ class OptunaOptimizer(JournalOptimizer):
         self.reap_stale()
         with one_blas_thread():
             trial = self.study.ask()
+            self._live[trial.number] = trial
+            self._beat(trial)  # before sampling (which can take seconds): a trial with no beat is never failed
             x = [trial.suggest_float(name, float(lo), float(hi)) for name, lo, hi in zip(self.space.names, lows, highs)]
-        self._live[trial.number] = trial
-        self._beat(trial)
         self.last_number = trial.number
         self.last_slot = (_slot(trial.number, self.study._storage.get_trial_system_attrs(trial._trial_id))
                           if self.storage is not None else trial.number)
@@ -109,15 +110,24 @@ class OptunaOptimizer(JournalOptimizer):
         return self.space.budget.project(x), trial.number
 
     def _tell_trial(self, number: int, value: float | list[float] | None, policy: Policy | None = None) -> None:
-        trial = self._live.pop(number, None)
-        if trial is not None and policy is not None and self.storage is not None:
-            trial.set_user_attr("policy", [float(v) for v in policy])  # the projected policy that was scored
-        if value is None:
-            from optuna.trial import TrialState
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
 
-            self.study.tell(number, state=TrialState.FAIL)
-        else:
-            self.study.tell(number, value)
+        trial = self._live.pop(number, None)
+        try:
+            if trial is not None and policy is not None and self.storage is not None:
+                trial.set_user_attr("policy", [float(v) for v in policy])  # the projected policy that was scored
+            if value is None:
+                self.study.tell(number, state=TrialState.FAIL)
+            else:
+                self.study.tell(number, value)
+        except (UpdateFinishedTrialError, ValueError) as e:
+            if self.storage is None or "finished" not in str(e).lower() and "fail" not in str(e).lower():
+                raise
+            # another worker took this trial for dead (no heartbeat within the grace period: a stalled storage
+            # or process) and has put it back; the copy it runs keeps the slot, this result is dropped
+            print(f"warning: trial {number} was failed by another worker (missed heartbeats) and is run again "
+                  "there; this worker's result for it is dropped", file=sys.stderr, flush=True)
 
     def ask(self) -> Policy:
         policy, number = self._ask_trial()
@@ -138,10 +148,15 @@ class OptunaOptimizer(JournalOptimizer):
     # -- parallel workers sharing one storage ------------------------------------------------------
     def annotate(self, **attrs: Any) -> None:
         """Attach plain-data attributes (val acc, resource, worker) to the latest asked trial in the storage."""
+        from optuna.exceptions import UpdateFinishedTrialError
+
         trial = self._live.get(self.last_number)
         if trial is not None and self.storage is not None:
-            for k, v in attrs.items():
-                trial.set_user_attr(k, v)
+            try:
+                for k, v in attrs.items():
+                    trial.set_user_attr(k, v)
+            except UpdateFinishedTrialError:
+                pass  # failed by another worker (missed heartbeats): _tell_trial says so
 
     def abandon(self, policy: Policy, reason: str) -> None:
         """Give back an asked trial without scoring it (over the shared budget): recorded as failed."""
@@ -161,10 +176,18 @@ class OptunaOptimizer(JournalOptimizer):
                 for t in self.study.get_trials(deepcopy=False)]
 
     def reap_stale(self) -> None:
-        if self.storage is not None and self.heartbeat > 0:
+        if self.retries_dead():
             from optuna.storages import fail_stale_trials
 
-            fail_stale_trials(self.study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks the heartbeat experimental
+                fail_stale_trials(self.study)
+
+    def retries_dead(self) -> bool:
+        """True when this study's storage beats a heartbeat, so a dead worker's trial is failed and run again."""
+        from optuna.storages._heartbeat import is_heartbeat_enabled
+
+        return self.storage is not None and self.heartbeat > 0 and is_heartbeat_enabled(self.study._storage)
 
     # -- heartbeat: a daemon thread beats for every trial this worker has asked and not yet told -----------
     def _beat(self, trial: optuna.trial.Trial) -> None:
@@ -181,7 +204,7 @@ class OptunaOptimizer(JournalOptimizer):
         import time
 
         while True:
-            time.sleep(self.heartbeat)
+            time.sleep(self.heartbeat / 2)  # twice per interval: the storage keeps whole seconds
             for trial in list(self._live.values()):
                 try:
                     self.study._storage.record_heartbeat(trial._trial_id)
@@ -235,13 +258,15 @@ def make_storage(url: str, *, heartbeat: int = 0) -> Any:
 
     if url.startswith("journal://"):
         return JournalStorage(JournalFileBackend(url[len("journal://"):]))
-    beat: dict[str, Any] = {}
-    if heartbeat > 0:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Optuna marks the retry callback experimental
-            beat = {"heartbeat_interval": int(heartbeat), "grace_period": 2 * int(heartbeat),
-                    "failed_trial_callback": RetryFailedTrialCallback(max_retry=1)}
-    storage = RDBStorage(url, **beat)
+    kw: dict[str, Any] = {}
+    if url.startswith("sqlite"):  # every transaction takes the write lock (below): wait for it, not 5 s
+        kw["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks the heartbeat and the retry callback experimental
+        if heartbeat > 0:
+            kw.update(heartbeat_interval=int(heartbeat), grace_period=2 * int(heartbeat),
+                      failed_trial_callback=RetryFailedTrialCallback(max_retry=1))
+        storage = RDBStorage(url, **kw)
     if storage.engine.dialect.name == "sqlite":
         _serialise_sqlite(storage.engine)
     return storage

@@ -344,15 +344,17 @@ def search(learner: Learner, model: nn.Module, data: DataBundle, cfg: dict[str, 
             bar.update(1)
             bar.set_postfix_str(f"best reward {best:.4f} last acc {record['val_acc']:.2f}% "
                                 f"res {record['resource']:.3f} {record['seconds']:.1f}s")
-        # a shared study: every worker stays until the budget is finished, to run again a dead worker's trial
-        if not sc["storage"] or sc["final_only"] or not workers.wait_for_budget(s.optimizer, episodes,
-                                                                                 wait=sc["worker_wait"]):
+        # a shared study with a heartbeat: every worker stays until the budget is finished, to run again a dead
+        # worker's trial (without one, only the worker that runs the final stage waits, below)
+        if not sc["storage"] or sc["final_only"] or not s.optimizer.retries_dead() or \
+                not workers.wait_for_budget(s.optimizer, episodes, wait=sc["worker_wait"]):
             break
     bar.close()
     if sc["storage"]:
         if not pick_only and not workers.runs_final_stage(s.trials, episodes, cfg):
             return s.result(time.perf_counter() - start, final=False)
-        s.trials = workers.shared_trials(s.optimizer, episodes, run["hpo"], wait=0.0)
+        s.trials = workers.shared_trials(s.optimizer, episodes, run["hpo"],
+                                         wait=0.0 if sc["final_only"] or pick_only else sc["worker_wait"])
     return s.result(time.perf_counter() - start)
 
 

@@ -65,13 +65,23 @@ def wait_for_budget(optimizer: Optimizer, episodes: int, *, wait: float) -> bool
     dead worker's trial has been put back to run again (this worker should ask for it), False when the
     budget is finished or the wait is over."""
     deadline = time.monotonic() + wait
+    rechecked = False
     while True:
         optimizer.reap_stale()
         rows = [r for r in optimizer.shared_trials() if r["slot"] < episodes]
         if any(r["state"] == "WAITING" for r in rows):
             return True
-        if not any(r["state"] == "RUNNING" for r in rows) or time.monotonic() >= deadline:
+        if time.monotonic() >= deadline:
             return False
+        if not any(r["state"] == "RUNNING" for r in rows):
+            # a stale trial is failed first and put back just after (two transactions): a slot whose only
+            # trials failed, none given back as over the budget, may be about to get its copy; look once more
+            done = {r["slot"] for r in rows if r["state"] == "COMPLETE" or "abandoned" in r}
+            if rechecked or all(r["slot"] in done for r in rows):
+                return False
+            rechecked = True
+            time.sleep(0.5)
+            continue
         time.sleep(min(1.0, max(0.05, optimizer.heartbeat / 4)) if optimizer.heartbeat else 1.0)
 
 
