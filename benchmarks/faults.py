@@ -118,6 +118,8 @@ def main() -> None:
             row: dict[str, Any] = {"i": i, "point": point, "visit": visit, "killed": code == -9}
             if code == -9:
                 row["resume_rc"] = run(["--resume", str(run_dir), "--quiet"], env)
+                # killed while writing the run's first file: nothing ran, and --resume says so (exit 2)
+                row["nothing_ran"] = not (run_dir / "config.yaml").exists()
             if (run_dir / "summary.json").exists():
                 row.update(compare(run_dir, ref))
             row["seconds"] = round(time.perf_counter() - t0, 1)
@@ -128,22 +130,30 @@ def main() -> None:
 
 def table(paths: list[Path], args: argparse.Namespace) -> None:
     rs = [json.loads(p.read_text()) for p in paths]
-    killed = [r for r in rs if r["killed"]]
+    for r in rs:  # rows written before nothing_ran was recorded: the config.yaml write is the first file
+        r.setdefault("nothing_ran", r["point"] == "write:config.yaml" and r["visit"] == 1 and r.get("resume_rc") == 2)
+    before = [r for r in rs if r["killed"] and r["nothing_ran"]]
+    killed = [r for r in rs if r["killed"] and not r["nothing_ran"]]
     lines = ["## Kill -9 at random points, then --resume", "",
              f"- machine: {machine_description()}; command: `python benchmarks/faults.py {' '.join(sys.argv[1:])}`",
-             f"- {len(rs)} draws, {len(killed)} killed ({len(rs) - len(killed)} never reached their visit and "
-             f"finished), {sum(r.get('identical', False) for r in killed)}/{len(killed)} resumed runs identical "
-             "(same decisions, same test accuracy, weights within 1e-4, no partial file)", "",
-             "| point | draws | killed | resumed identical | largest weight difference |", "|---|---:|---:|---:|---:|"]
+             f"- {len(rs)} draws, {len(killed) + len(before)} killed ({len(rs) - len(killed) - len(before)} never "
+             f"reached their visit and finished), {sum(r.get('identical', False) for r in killed)}/{len(killed)} "
+             "resumed runs identical (same decisions, same test accuracy, weights within 1e-4, no partial file)"
+             + (f"; {len(before)} killed while writing config.yaml, the run's first file, so nothing had run: "
+                f"--resume refused them with exit 2 ({sum(r.get('resume_rc') == 2 for r in before)}/{len(before)})"
+                if before else ""), "",
+             "| point | draws | killed | resumed identical | killed before anything ran (resume refused) | "
+             "largest weight difference |", "|---|---:|---:|---:|---:|---:|"]
     # the named points in order, then the other atomic writes a run made (write:report.html, ...)
     for point in [*faults.POINTS, *sorted({r["point"] for r in rs} - set(faults.POINTS))]:
         g = [r for r in rs if r["point"] == point]
         if not g:
             continue
-        k = [r for r in g if r["killed"]]
+        k = [r for r in g if r["killed"] and not r["nothing_ran"]]
         diff = max((r.get("max_weight_diff", 0.0) for r in k), default=0.0)
+        b = [r for r in g if r["killed"] and r["nothing_ran"]]
         lines.append(f"| `{point}` | {len(g)} | {len(k)} | {sum(r.get('identical', False) for r in k)}/{len(k)} | "
-                     f"{diff:.2g} |")
+                     f"{sum(r.get('resume_rc') == 2 for r in b)}/{len(b)} | {diff:.2g} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -205,3 +205,17 @@ def test_a_damaged_search_state_is_one_line_naming_the_file(capsys: pytest.Captu
     rc = main(["--resume", str(run_dir), "--quiet"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(err) == 1 and str(state) in err[0] and "cannot be resumed" in err[0]
+
+
+def test_resume_of_a_run_stopped_before_its_config_or_of_another_folder_is_one_line(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / ".config.yaml.tmp4242").write_text("run:\n")  # killed between the config's temporary file and rename
+    assert main(["--resume", str(early)]) == 2
+    assert "stopped before it saved its config.yaml, so nothing of it ran" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("hello")
+    assert main(["--resume", str(other)]) == 2
+    assert "not a torchpocket run directory" in capsys.readouterr().err

@@ -92,6 +92,10 @@ def _resume_config(cfg: dict[str, Any]) -> dict[str, Any]:
     from torchpocket.config import default_config, merge
 
     d = Path(cfg["search"]["resume"])
+    # killed while writing its first file: an empty run directory, or one holding that file's temporary copy
+    if d.is_dir() and not (d / "config.yaml").is_file() and (not any(d.iterdir()) or any(d.glob("*config.yaml.tmp*"))):
+        raise UserError(f"--resume {d}: this run was stopped before it saved its config.yaml, so nothing of it ran; "
+                        "start it again with its command")
     # a run killed before its first trial was logged has only config.yaml and log.txt: it starts over there
     if not (d / "config.yaml").is_file() or not any((d / f).exists() for f in ("trials.jsonl", "search_state.pt",
                                                                                 "log.txt")):
