@@ -49,25 +49,10 @@ TINY = ["--dataset", "synthetic", "--net", "resnet20", "--learner", "chn-pruned"
 # ----------------------------------------------------------------------------- race
 
 
-def _race_worker(url: str, study: str, seed: int, barrier: Any, out: Any) -> None:
-    from tests.hpo.test_optimizer_suite import flops_space
-    from torchpocket.hpo import create_optimizer
-
-    barrier.wait()
-    try:
-        opt = create_optimizer("tpe", flops_space(), seed=seed, total_trials=8, storage=url, study_name=study)
-        numbers = []
-        for _ in range(2):
-            p = opt.ask()
-            numbers.append(opt.last_number)
-            opt.tell(p, -sum(p))
-        out.put(("ok", numbers))
-    except BaseException as e:  # noqa: BLE001 - counted
-        out.put(("error", f"{type(e).__name__}: {str(e)[:120]}"))
-
-
 def race(args: argparse.Namespace, tmp: Path) -> list[list[Any]]:
     import multiprocessing as mp
+
+    from tests.test_reliability import _worker  # the test's worker: open behind the barrier, ask and tell twice
 
     ctx = mp.get_context("spawn")
     kinds = ["sqlite", "journal"] + (["postgresql"] if args.postgres else [])
@@ -82,7 +67,7 @@ def race(args: argparse.Namespace, tmp: Path) -> list[list[Any]]:
             else:
                 url = _fresh_pg(args.postgres, rep)
             barrier, out = ctx.Barrier(args.workers), ctx.Queue()
-            procs = [ctx.Process(target=_race_worker, args=(url, "race", i, barrier, out))
+            procs = [ctx.Process(target=_worker, args=(url, "race", i, barrier, out))
                      for i in range(args.workers)]
             for p in procs:
                 p.start()

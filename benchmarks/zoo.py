@@ -130,6 +130,8 @@ def main() -> None:
     args = ap.parse_args()
     import tempfile
 
+    from _common import flag_line
+
     from torchpocket.utils import atomic_write_text, machine_description
 
     cells = Path(args.cells)
@@ -145,6 +147,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     rows = [json.loads((cells / f"{n}.json").read_text()) for n in args.models if (cells / f"{n}.json").exists()]
     text = (f"## torchvision zoo at FLOPs 0.5 (`chn-pruned`, uniform)\n\n- machine: {machine_description()}; "
+            f"CPU flags: {flag_line()}; "
             f"command: `python benchmarks/zoo.py {' '.join(sys.argv[1:])}`\n\n" + table(rows))
     print(text)
     if args.out:
