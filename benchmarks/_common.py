@@ -244,16 +244,20 @@ class Bench:
         cfg = copy.deepcopy(self.cfg)
         cfg["run"].update(learner=self.learner_name, hpo=hpo, seed=seed, target=target)
         cfg["search"]["episodes"] = episodes
-        cfg[self.section].update(self._chn(chn))
+        opts = self._chn(chn)
+        if "resource" in opts:  # --resource is the run's (what --target constrains), the rest the learner's
+            cfg["run"]["resource"] = opts.pop("resource")
+        cfg[self.section].update(opts)
         return cfg
 
     def _chn(self, chn: dict[str, Any]) -> dict[str, Any]:
-        """Learner options that differ from the benchmark's defaults (so equal learners share one key)."""
+        """Learner options (and ``resource``) that differ from the benchmark's defaults (so equal learners share
+        one key)."""
+        known = {**self.cfg[self.section], "resource": self.cfg["run"]["resource"]}
         for k in chn:
-            if k not in self.cfg[self.section]:
-                raise UserError(f"unknown {self.learner_name} option {k!r}; "
-                                f"valid: {', '.join(self.cfg[self.section])}")
-        return {k: v for k, v in chn.items() if self.cfg[self.section][k] != v}
+            if k not in known:
+                raise UserError(f"unknown {self.learner_name} option {k!r}; valid: {', '.join(known)}")
+        return {k: v for k, v in chn.items() if known[k] != v}
 
     def learner(self, seed: int, **chn: Any) -> Any:
         """The prepared learner for ``seed`` and these options (built and calibrated on first use)."""

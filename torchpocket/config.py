@@ -35,6 +35,11 @@ class RunConfig:
                                "in_channels= and num_classes=")
     dataset: str = opt("fashion-mnist", "dataset (see --list)")
     target: float = opt(1.0, "resource to keep, as a fraction of the original model's, in (0, 1]")
+    resource: str = opt("auto", "what --target constrains, one the learner counts: chn-pruned / dis-chn-pruned "
+                                "flops, params or latency (a lookup table of per-layer timings on this machine); "
+                                "the quantizers bits (weight bits); weight-sparse params; a composite A+B bitops "
+                                "(MACs x weight bits x activation bits) or bytes (the weights' stored size); auto: "
+                                "the learner's first")
     init: str | None = opt(None, "model to start from: a torchpocket model.pt (a baseline, or a compressed run's), "
                                  "or a plain state_dict file for --net")
     trust_checkpoint: bool = opt(False, "let --init read a whole model saved with torch.save(model) (unpickling it "
@@ -199,6 +204,7 @@ def merge(base: dict[str, dict[str, Any]], override: dict[str, Any], source: str
     """Merge a nested override into ``base`` after checking every key and value type."""
     sections = _all_sections()
     out = {k: dict(v) for k, v in base.items()}
+    override = _moved_keys(override)
     for section, values in override.items():
         if values is None:  # a section whose keys are all commented out
             values = {}
@@ -216,13 +222,26 @@ def merge(base: dict[str, dict[str, Any]], override: dict[str, Any], source: str
     return out
 
 
+def _moved_keys(override: dict[str, Any]) -> dict[str, Any]:
+    """Keys an older torchpocket kept elsewhere, where they are now (a run's saved config.yaml stays resumable):
+    ``chn.resource`` is ``run.resource``."""
+    chn = override.get("chn")
+    if not isinstance(chn, dict) or "resource" not in chn:
+        return override
+    out = {**override, "chn": {k: v for k, v in chn.items() if k != "resource"}}
+    run = dict(out.get("run") or {})
+    run.setdefault("resource", chn["resource"])
+    out["run"] = run
+    return out
+
+
 def validate(cfg: dict[str, dict[str, Any]]) -> None:
     """Cross-field checks and choices; registries check the names."""
     from torchpocket.datasets import DATASETS
     from torchpocket.nets import check_net_name
 
     run = cfg["run"]
-    LEARNERS.get(run["learner"])
+    LEARNERS.get(run["learner"]).resolve_resource(run["resource"])
     HPOS.get(run["hpo"])
     DATASETS.get(run["dataset"])
     if not run.get("init"):

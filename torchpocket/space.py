@@ -78,8 +78,12 @@ class Budget:
         layer_cost_fn: Callable[[Sequence[float]], Sequence[float]] | None = None,
         fill: bool = True,
         unit: str = "flops",
+        uniform_path: Callable[[float], Sequence[float]] | None = None,
     ) -> None:
         self.cost_fn, self.full, self.target = cost_fn, float(full), float(target)
+        # what "uniform" means when the values are of different kinds (a composite's ratios and bits): t in
+        # [0, 1] -> a policy, non-decreasing in t; default: one value for every layer
+        self.uniform_path = uniform_path
         self.lows, self.highs = np.asarray(lows, float), np.asarray(highs, float)
         self.steps = np.zeros(len(self.lows)) if steps is None else np.asarray(steps, float)
         self.layer_cost_fn, self.fill, self.unit = layer_cost_fn, fill, unit
@@ -209,7 +213,7 @@ class Budget:
 
     def uniform(self, *, fraction: float | None = None, iters: int = 60) -> Policy:
         """One value for every layer (each clipped to its own bounds) that meets the target (or keeps at most
-        ``fraction`` of the resource): the classic baseline.
+        ``fraction`` of the resource): the classic baseline. With a ``uniform_path``, the policy furthest along it.
 
         The largest such value (with ``fill``; without, the upper bounds when they already meet the target).
         A layer whose bounds exclude the value sits at its nearest bound.
@@ -217,9 +221,11 @@ class Budget:
         limit = self.limit if fraction is None else min(fraction * self.full, self.limit)
 
         def at(v: float) -> np.ndarray:
+            if self.uniform_path is not None:
+                return self.clip(np.asarray(self.uniform_path(v), float))
             return self.clip(np.full(len(self.lows), v))
 
-        lo, hi = float(self.lows.min()), float(self.highs.max())
+        lo, hi = (0.0, 1.0) if self.uniform_path is not None else (float(self.lows.min()), float(self.highs.max()))
         if self.satisfied(at(hi), limit):
             return [float(x) for x in at(hi)]
         for _ in range(iters):  # invariant: at(lo) satisfies (the lower bounds do), at(hi) does not

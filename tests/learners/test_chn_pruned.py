@@ -32,7 +32,8 @@ def data(size: int = 16, n: int = 64) -> object:
 
 
 def learner(model: nn.Module, bundle: object = None, **options: object) -> ChnPrunedLearner:
-    lrn = ChnPrunedLearner(config=ChnConfig(**options), train_cfg=TrainConfig(batch_size=64))
+    resource = str(options.pop("resource", "auto"))
+    lrn = ChnPrunedLearner(config=ChnConfig(**options), train_cfg=TrainConfig(batch_size=64), resource=resource)
     lrn.prepare(model, bundle or data())
     return lrn
 
@@ -321,10 +322,10 @@ def test_registered_with_config_section_and_flags() -> None:
     flags = {f.name: f.metadata["flag"] for f in dataclasses.fields(ChnConfig)}
     assert flags == {"select": "--cp-select", "reconstruct": "--cp-reconstruct", "channel_round": "--channel-round",
                      "calib_batches": "--calib-batches", "points_per_layer": "--cp-points", "coupled": "--cp-coupled",
-                     "resource": "--resource", "latency_batch": "--latency-batch", "lut_repeats": "--lut-repeats",
+                     "latency_batch": "--latency-batch", "lut_repeats": "--lut-repeats",
                      "lut_points": "--lut-points", "lut_cache": "--lut-cache", "low": "--cp-low", "high": "--cp-high",
                      "skip": "--cp-skip"}
-    assert "latency" in next(f for f in dataclasses.fields(ChnConfig) if f.name == "resource").metadata["choices"]
+    assert ChnPrunedLearner.resources == ("flops", "params", "latency")  # --resource (the run's), flops first
     assert all(f.metadata["help"] for f in dataclasses.fields(ChnConfig))
 
 
@@ -433,7 +434,7 @@ def test_latency_table_cached_on_disk(tmp_path: Path) -> None:
                                                          ("lut_points", 1, "lut-points")])
 def test_bad_latency_options_are_user_errors(option: str, value: int, match: str) -> None:
     with pytest.raises(UserError, match=match):
-        ChnPrunedLearner(config=ChnConfig(resource="latency", **{option: value}))
+        ChnPrunedLearner(config=ChnConfig(**{option: value}), resource="latency")
 
 
 def test_cp_skip_freezes_layers_and_the_summary_says_which(capsys: pytest.CaptureFixture[str],

@@ -47,6 +47,7 @@ from torchpocket.api import load, save_model
 from torchpocket.datasets import DATASETS
 from torchpocket.errors import UnsupportedModel
 from torchpocket.learners import LEARNERS, Learner, create_learner
+from torchpocket.learners._layers import layer_macs
 from torchpocket.learners._quant import weight_codes
 from torchpocket.learners.training import TrainConfig
 from torchpocket.nets import create_net
@@ -138,7 +139,19 @@ EXPECT: dict[str, Expect] = {
         lambda c, o, x: layer_weights(c, nonzero=True) / layer_weights(o, nonzero=False), False, True, tol=0.01),
     # quantization: the fraction of the fp32 weight bits, counted from the integer codes each layer holds
     "weight-bits": Expect(lambda c, o, x: weight_bits(c) / (32 * layer_weights(o, nonzero=False)), tol=0.02),
+    # composites: counted on the model (its MACs by forward hooks, its codes' bit-widths, its activation quantizers)
+    "bitops": Expect(lambda c, o, x: bitops(c, x) / (bitops(o, x)), tol=0.01),
+    "bytes": Expect(lambda c, o, x: (weight_bits(c) + 32 * (n_params(c) - layer_weights(c, nonzero=False)))
+                    / (32 * n_params(o)), tol=0.01),
 }
+
+
+def bitops(model: nn.Module, x: Tensor) -> float:
+    """Sum over Conv2d / Linear of MACs x weight bits x activation bits (32 where float), on one sample of ``x``."""
+    codes = weight_codes(model)
+    acts = [m.bits for m in model.modules() if type(m).__name__ == "ActQuant"]
+    abits = acts[0] if acts else 32
+    return float(sum(macs * (codes[n][1] if n in codes else 32) * abits for n, macs in layer_macs(model, x).items()))
 
 
 def check_bits_honoured(model: nn.Module, bits: dict[str, float]) -> None:
@@ -155,6 +168,15 @@ def check_bits_honoured(model: nn.Module, bits: dict[str, float]) -> None:
         assert per_channel <= 2**b, f"{name}: {per_channel} distinct weights in one channel at {b} bits"
 
 
+def check_bits_of(space: Any, cand: nn.Module, policy: list[float]) -> None:
+    """A bits learner's (or a composite's quantizer part's) codes honour the policy's bit-widths."""
+    if space.budget.unit == "bits":
+        check_bits_honoured(cand, space.to_dict(policy))
+    elif "split" in space.meta:  # a composite: its second part's decisions, named "<B>:<layer>"
+        k = space.meta["split"]
+        check_bits_honoured(cand, {n.split(":", 1)[1]: v for n, v in zip(space.names[k:], policy[k:])})
+
+
 def is_plain(obj: Any) -> bool:
     """Plain data that torch.load(weights_only=True) and JSON both understand."""
     if isinstance(obj, dict):
@@ -167,8 +189,13 @@ def is_plain(obj: Any) -> bool:
 # -- cases -------------------------------------------------------------------------------------
 
 
+COMPOSITES = ["chn-pruned+uniform-quant", "chn-pruned+non-uniform-quant"]  # A+B, built from the registry
+COMPOSITE_NETS = {"chn-pruned+uniform-quant": SMALL_NETS + ["mobilenet_v2"], "chn-pruned+non-uniform-quant": ["user"]}
+JOINT_SCALE = 1 / 16  # a composite's BitOps targets: 8-bit weights x 8-bit activations are 1/16 of fp32 x fp32
+
+
 def searchable_learners() -> list[str]:
-    return [n for n in LEARNERS.names() if getattr(LEARNERS.get(n), "searchable", True)]
+    return [n for n in LEARNERS.names() if getattr(LEARNERS.get(n), "searchable", True)] + COMPOSITES
 
 
 BITS_SCALE = 0.25  # a bits learner's targets: 8 bits (0.25 of fp32) is their ceiling, so 0.3 -> 2.4 bits average
@@ -176,6 +203,8 @@ TRAIN_TARGET = 0.5  # the target of the fine-tune / re-train check (small nets o
 
 
 def target_scale(learner: str) -> float:
+    if "+" in learner:
+        return JOINT_SCALE
     return BITS_SCALE if getattr(LEARNERS.get(learner), "policy_name", "") == "bits" else 1.0
 
 
@@ -193,17 +222,21 @@ def training_cases(scale: float = 1.0) -> list[tuple[str, float]]:
 
 def cases() -> list[Any]:
     return [pytest.param(learner, net, t, id=f"{learner}-{net}-{t:g}")
-            for learner in searchable_learners() for net, t in contract_cases(target_scale(learner))]
+            for learner in searchable_learners() for net, t in contract_cases(target_scale(learner))
+            if net in COMPOSITE_NETS.get(learner, [net])]
 
 
 def train_cases() -> list[Any]:
     return [pytest.param(learner, net, t, id=f"{learner}-{net}-{t:g}")
-            for learner in searchable_learners() for net, t in training_cases(target_scale(learner))]
+            for learner in searchable_learners() for net, t in training_cases(target_scale(learner))
+            if net in COMPOSITE_NETS.get(learner, [net])]
 
 
 def quick_kwargs(learner_name: str) -> dict[str, Any]:
     """``create_learner`` keywords with the learner's own quick options (its ``quick_options`` hook) applied."""
     cls = LEARNERS.get(learner_name)
+    if hasattr(cls, "quick_parts"):  # a composite: each part's quick options
+        return cls.quick_parts()
     quick = cls.quick_options()
     if not quick:
         return {}
@@ -302,8 +335,7 @@ def check_learner_contract(learner_name: str, net: str, target: float, tmp_path:
         assert ratio <= target * (1 + 1e-9), f"{budget.unit} ratio {ratio:.4f} over target {target}"
         reachable = min(target, budget.fraction(list(space.highs)))  # e.g. 8 bits everywhere is 0.25 of fp32
         assert ratio >= reachable - expect.tol, f"{budget.unit} ratio {ratio:.4f} not within {expect.tol} of {target}"
-    if budget.unit == "bits":
-        check_bits_honoured(cand, space.to_dict(policy))
+    check_bits_of(space, cand, policy)
     if expect.shrinks:
         assert n_params(cand) < n_params(model)
     if expect.identity_at_high and target == (TARGETS[0] if net in SMALL_NETS else BIG_TARGET):
@@ -348,15 +380,14 @@ def check_training_keeps_the_compression(learner_name: str, net: str, target: fl
         ratio = expect.measure(cand, model, x[:1])
         assert ratio == pytest.approx(budget.fraction(policy), rel=1e-6, abs=1e-9), \
             "after fine-tuning and re-training the model no longer measures what the Budget says"
-    if budget.unit == "bits":  # the codes stayed within each layer's bit-width
-        check_bits_honoured(cand, space.to_dict(policy))
+    check_bits_of(space, cand, policy)  # the codes stayed within each layer's bit-width
     check_reloads(learner, learner_name, net, cand, space.to_dict(policy), x, out, tmp_path)
 
 
 # -- the suite, over every registered learner ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("learner_name", LEARNERS.names())
+@pytest.mark.parametrize("learner_name", LEARNERS.names() + COMPOSITES)
 def test_learner_declarations(learner_name: str) -> None:
     check_declarations(learner_name)
 

@@ -15,9 +15,13 @@ def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     out = []
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)) and isinstance(getattr(m, "weight", None), Tensor):
-            if id(m.weight) in seen:
+            # a stored weight is tied by identity; a computed one (a codebook layer's) is the module's own: its
+            # tensor is made anew on each access, and a freed one's id may come back for another layer
+            p = m._parameters.get("weight")
+            key = id(p) if p is not None else id(m)
+            if key in seen:
                 continue
-            seen.add(id(m.weight))
+            seen.add(key)
             out.append((name, m))
     return out
 

@@ -27,6 +27,7 @@ from torch import nn
 from torchpocket.datasets import DataBundle
 from torchpocket.distributed import per_rank_batch, world_size
 from torchpocket.distributed import rank as dist_rank
+from torchpocket.errors import UserError
 from torchpocket.learners.training import TrainConfig, finetune, fit
 from torchpocket.space import Policy, SearchSpace
 
@@ -51,14 +52,32 @@ class Learner(ABC):
     policy_name: ClassVar[str] = "ratio"  # what a policy value means, for reports
     # other sections whose options this learner reads: constructor keyword -> section (dis-chn-pruned: chn's)
     extra_sections: ClassVar[dict[str, str]] = {}
+    # what ``--target`` may constrain (``--resource``), the default first; () for a learner with no Budget
+    resources: ClassVar[tuple[str, ...]] = ()
+    # what it does to a model, for composites A+B: "structure" (A: pruning, sparsity) or "quantize" (B)
+    stage: ClassVar[str | None] = None
+    cli_name: ClassVar[str | None] = None  # the registered ``--learner`` name (set by ``register_learner``)
 
     def __init__(self, *, config: Any = None, train_cfg: TrainConfig | None = None,
-                 device: torch.device | str = "cpu", quiet: bool = True, seed: int = 0) -> None:
+                 device: torch.device | str = "cpu", quiet: bool = True, seed: int = 0,
+                 resource: str = "auto") -> None:
+        self.resource = self.resolve_resource(resource)
         self.config = config if config is not None else (self.Config() if self.Config else None)
         self.train_cfg = train_cfg or TrainConfig()
         self.device = torch.device(device)
         self.quiet, self.seed = quiet, seed
         self.data: DataBundle | None = None
+
+    @classmethod
+    def resolve_resource(cls, resource: str) -> str:
+        """``--resource`` as this learner reads it: ``auto`` is its first; one it cannot count is refused."""
+        if resource == "auto":
+            return cls.resources[0] if cls.resources else "auto"
+        if resource not in cls.resources:
+            name = getattr(cls, "cli_name", None) or cls.__name__
+            choices = ", ".join(cls.resources) or "none (it searches nothing)"
+            raise UserError(f"--resource {resource} is not one {name} can constrain; choose one of: {choices}")
+        return resource
 
     # -- the contract --------------------------------------------------------------------------
     def prepare(self, model: nn.Module, data: DataBundle) -> None:
@@ -101,6 +120,16 @@ class Learner(ABC):
     def rebuild(cls, model: nn.Module, arch: dict[str, Any]) -> nn.Module:
         """Turn a freshly built uncompressed ``model`` into the compressed architecture ``arch``."""
         return model
+
+    def module_sizes(self, model: nn.Module, policy: Policy) -> tuple[dict[str, tuple[float, float]], float] | None:
+        """What ``policy`` leaves of ``model`` (the prepared one), for a composite's joint Budget: per Conv2d /
+        Linear module it changes, (multiply-adds per sample, weights stored), and the parameters in all.
+        ``None`` (the default): this learner cannot be the first part of a composite ``A+B``."""
+        return None
+
+    def activation_bits(self) -> int:
+        """Bits of the activations a quantizer's model computes with (a composite's BitOps; 32: float)."""
+        return 32
 
     def export(self, model: nn.Module, run_dir: Any, example: torch.Tensor) -> dict[str, Any]:
         """Learner-specific deployment files; returns figures for summary.json (key ``export``)."""

@@ -22,7 +22,7 @@ Neural Networks" (He et al. 2017), as in PocketFlow's ChannelPrunedLearner:
   the L1 norm of every coupled layer's weights (group importance);
 * ``reconstruct``: each consumer's remaining weights are re-fitted by (ridge-toward-the-
   original) least squares so its output on the calibration points is preserved;
-* ``resource = "latency"`` (HAQ's idea, applied to channel pruning): the Budget constrains the
+* ``--resource latency`` (HAQ's idea, applied to channel pruning): the Budget constrains the
   latency predicted by a per-layer lookup table timed on this machine at a grid of widths
   (:class:`~torchpocket.learners._channel_latency.LatencyModel`); :meth:`predicted_latency` gives
   the prediction for any policy, to compare with the final model's measured latency;
@@ -80,9 +80,6 @@ class ChnConfig:
                                 flag="--cp-points")
     coupled: str = opt("skip", "channels tied by residual additions: leave them alone, or prune them together "
                        "(ranked by group L1 norm)", flag="--cp-coupled", choices=("skip", "prune"))
-    resource: str = opt("flops", "what --target constrains (latency: predicted by a lookup table of per-layer "
-                        "timings on this machine, built once)", flag="--resource",
-                        choices=("flops", "params", "latency"))
     latency_batch: int = opt(1, "batch size of the latency lookup table's timings (--resource latency)",
                              flag="--latency-batch")
     lut_repeats: int = opt(10, "timed runs per layer and width in the latency lookup table (median, after 3 "
@@ -116,6 +113,8 @@ class ChnPrunedLearner(Learner):
     Config = ChnConfig
     section = "chn"
     policy_name = "preserve ratio"
+    resources = ("flops", "params", "latency")
+    stage = "structure"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -161,7 +160,7 @@ class ChnPrunedLearner(Learner):
         self.info = find_channel_groups(model, example, coupled=c.coupled)
         self.cost = CostModel(self.info, round_to=c.channel_round)
         self._example, self._model, self._latency = example, model, None
-        if c.resource == "latency":
+        if self.resource == "latency":
             self.latency_model()
 
     def _prepare_selection(self, model: nn.Module) -> None:
@@ -248,7 +247,7 @@ class ChnPrunedLearner(Learner):
         policies that are over the target).
         """
         info, cost = self._prepared(model)
-        c, res = self.config, self.config.resource
+        c, res = self.config, self.resource
         if not info.groups:
             why = "; ".join(f"{k}: {v}" for k, v in list(info.skipped.items())[:4])
             raise UserError(f"chn-pruned found no prunable channels in this model ({why})")
@@ -360,12 +359,23 @@ class ChnPrunedLearner(Learner):
         """The layers searched / frozen / not prunable; with ``--resource latency``, the lookup table's prediction
         beside the final model's measured latency."""
         out: dict[str, Any] = {"layers": self.layer_report()}
-        if self.config.resource != "latency":
+        if self.resource != "latency":
             return out
         pred = self.latency_summary(policy)  # HAQ-style lookup table vs what the final model measures
         pred["measured_ms_b1"] = summary["compressed"]["latency_ms_b1"]
         print(f"latency: predicted {json.dumps(pred)}", flush=True)
         return {**out, "latency_prediction": pred}
+
+    def module_sizes(self, model: nn.Module, policy: Policy) -> tuple[dict[str, tuple[float, float]], float]:
+        """Multiply-adds and weights of every Conv2d / Linear the cost model counts, and all parameters, after
+        ``policy`` (exact: the same widths the cut leaves)."""
+        _, cost = self._prepared(model)
+        counts = cost.counts(policy)
+        cin, cout = cost.widths(counts)
+        flops, _ = cost._per_module(counts)
+        sizes = {name: (float(flops[i]) / 2, float(cost.pa[i] * cin[i] * cout[i]))
+                 for i, (name, kind) in enumerate(zip(cost.names, cost.types)) if kind in ("conv", "dwconv", "linear")}
+        return sizes, cost.cost(policy, "params")
 
     def compress(self, model: nn.Module, policy: Policy) -> nn.Module:
         """A pruned copy of ``model``: selection, reconstruction, then the cut (``model`` is untouched)."""

@@ -229,6 +229,8 @@ class NonUniformQuantLearner(Learner):
     Config = QuantConfig
     section = "quant"
     policy_name = "bits"
+    resources = ("bits",)
+    stage = "quantize"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -73,6 +73,8 @@ class UniformQuantLearner(Learner):
     Config = QuantConfig
     section = "quant"
     policy_name = "bits"
+    resources = ("bits",)
+    stage = "quantize"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -103,6 +105,10 @@ class UniformQuantLearner(Learner):
                             "pruned checkpoint")
         trace(model)  # refuse an untraceable model up front, with the reason
         return bits_space(model, target, cfg=self.config, fill=fill, macs=self._macs)
+
+    def activation_bits(self) -> int:
+        """``--act-bits`` (32 when activations stay float: ``--act-bits 0``)."""
+        return int(self.config.act_bits) or 32
 
     def compress(self, model: nn.Module, policy: Policy) -> nn.Module:
         """A fake-quantized copy of ``model`` (bits per layer from ``policy``), activation ranges calibrated."""

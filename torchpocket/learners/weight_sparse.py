@@ -235,6 +235,8 @@ class WeightSparseLearner(Learner):
     Config = WsConfig
     section = "ws"
     policy_name = "density"
+    resources = ("params",)
+    stage = "structure"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

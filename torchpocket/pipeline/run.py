@@ -33,7 +33,7 @@ def make_learner(cfg: dict[str, Any], device: torch.device) -> Learner:
     # options a learner shares with another one's section (dis-chn-pruned reads chn-pruned's graph options)
     extra = {kw: SECTIONS[sec](**cfg[sec]) for kw, sec in cls.extra_sections.items()}
     return cls(config=config, train_cfg=train_config(cfg), device=device, quiet=cfg["run"]["quiet"],
-               seed=cfg["run"]["seed"], **extra)
+               seed=cfg["run"]["seed"], resource=cfg["run"]["resource"], **extra)
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
