@@ -1,0 +1,267 @@
+#!/usr/bin/env python
+"""Joint prune + quantize search (``chn-pruned+uniform-quant``) against its alternatives at equal BitOps.
+
+Every row ends at the same BitOps (``sum over Conv2d / Linear of MACs x weight bits x activation bits``, a
+fraction of the fp32 network's) and gets the same distilled QAT re-training, then the test split once:
+
+- ``joint``: one search of ``--episodes`` candidates over both decisions per layer (``--optimizer``);
+- ``sequential``: a search of half the candidates over preserve ratios alone at ``--seq-flops`` of the FLOPs,
+  then a search of the other half over bit-widths alone, the pruning frozen at the first search's best,
+  under the same BitOps Budget: each stage blind to the other, the same candidate count in all;
+- ``prune-0.5+int8``: the uniform preserve ratio keeping ``--prune-flops`` of the FLOPs, every layer at 8 bits;
+- ``uniform-both``: every value at the same fraction of its range (``Budget.uniform_path``).
+
+The BitOps target is that of ``prune-0.5+int8`` unless ``--bitops`` gives one. Candidates are scored on the
+reward split after reconstruction and activation calibration, with no fine-tuning (as ``run.py`` does).
+Each row's final model is exported as ``model.int8.onnx`` and timed against the fp32 baseline's ONNX file in
+the same ONNX Runtime rounds (median of ``--latency-repeats``), at batch 1 and 64.
+
+Each (net, BitOps target, row, seed) is a cell under ``--cells`` (``result.json`` when done, the search's
+trial log while it runs): a killed run resumes where it stopped, and a finished cell is skipped.
+
+First figures (2-core machine, seed 0)::
+
+    python benchmarks/joint.py --net resnet20 --seeds 0 --episodes 200 --retrain-epochs 2 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import io
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from _common import Bench, header, main_guard, md_table, pm, setup
+from torch import nn
+
+from torchpocket.errors import UserError
+from torchpocket.export import compare_onnx_latency, export_int8_onnx, export_onnx, file_size
+from torchpocket.learners.training import evaluate
+from torchpocket.pipeline import RunDir, make_learner, search
+from torchpocket.pipeline.final import retrain
+from torchpocket.space import Budget, SearchSpace
+from torchpocket.utils import atomic_write_text, seed_everything
+
+LEARNER = "chn-pruned+uniform-quant"
+ROWS = ("joint", "sequential", "prune-0.5+int8", "uniform-both")
+
+
+def composite(bench: Bench, seed: int) -> Any:
+    """The prepared joint learner for ``seed`` (BitOps Budget), built once per seed."""
+    key = ("composite", seed)
+    if key not in bench.learners:
+        cfg = config(bench, hpo="none", seed=seed, target=1.0, episodes=1)
+        learner = make_learner(cfg, bench.device)
+        learner.prepare(bench.base, bench.data)
+        bench.learners[key] = learner
+    return bench.learners[key]
+
+
+def config(bench: Bench, *, hpo: str, seed: int, target: float, episodes: int, learner: str = LEARNER,
+           resource: str = "bitops") -> dict[str, Any]:
+    cfg = copy.deepcopy(bench.cfg)
+    cfg["run"].update(learner=learner, hpo=hpo, seed=seed, target=target, resource=resource)
+    cfg["search"]["episodes"] = episodes
+    return cfg
+
+
+def fixed_policy(bench: Bench, seed: int, flops: float) -> list[float]:
+    """The uniform preserve ratio at ``flops`` of the FLOPs, every layer at 8 bits (``prune-0.5+int8``)."""
+    joint = composite(bench, seed)
+    chn = joint.first.search_space(bench.base, flops).budget.uniform()
+    space = joint.search_space(bench.base, 1.0)
+    return chn + [8.0] * (len(space) - len(chn))
+
+
+def frozen(space: SearchSpace, prefix: list[float]) -> SearchSpace:
+    """``space`` with its first ``len(prefix)`` decisions fixed at ``prefix`` (bounds low = high = value)."""
+    k = len(prefix)
+    layers = [dataclasses.replace(lay, low=v, high=v) for lay, v in zip(space.layers[:k], prefix)] + space.layers[k:]
+    b = space.budget
+    lows, highs = np.array([lay.low for lay in layers]), np.array([lay.high for lay in layers])
+    budget = Budget(cost_fn=b.cost_fn, full=b.full, target=b.target, lows=lows, highs=highs, steps=b.steps,
+                    fill=b.fill, unit=b.unit, uniform_path=lambda t: list(lows + t * (highs - lows)))
+    return SearchSpace(layers, budget, meta={**space.meta, "frozen_prefix": k})
+
+
+def run_search(bench: Bench, learner: Any, cfg: dict[str, Any], where: Path) -> Any:
+    where.mkdir(parents=True, exist_ok=True)
+    if (where / "search_state.pt").exists():
+        cfg["search"]["resume"] = str(where)
+    seed_everything(cfg["run"]["seed"])
+    with contextlib.nullcontext() if bench.args.verbose else contextlib.redirect_stdout(io.StringIO()):
+        return search(learner, bench.base, bench.data, cfg, run_dir=RunDir(where), device=bench.device, prepare=False)
+
+
+def best_policy(bench: Bench, row: str, seed: int, target: float, cell: Path) -> tuple[list[float], dict[str, Any]]:
+    """The row's policy (searched, or fixed) and what its search recorded."""
+    a, joint = bench.args, composite(bench, seed)
+    if row == "prune-0.5+int8":
+        return fixed_policy(bench, seed, a.prune_flops), {"candidates": 0}
+    if row == "uniform-both":
+        return joint.search_space(bench.base, target).budget.uniform(), {"candidates": 1}
+    if row == "joint":
+        res = run_search(bench, joint, config(bench, hpo=a.optimizer, seed=seed, target=target,
+                                              episodes=a.episodes), cell / "search")
+        return res.best_policy, {"candidates": len(res.trials), "val_acc": res.best_val_acc,
+                                 "seconds": res.seconds, "s_per_candidate": _median_seconds(res.trials)}
+    # sequential: preserve ratios alone at --seq-flops, then bits alone on the frozen pruning, same BitOps
+    half = a.episodes // 2
+    first = joint.first
+    res1 = run_search(bench, first, config(bench, hpo=a.optimizer, seed=seed, target=a.seq_flops, episodes=half,
+                                           learner="chn-pruned", resource="flops"), cell / "prune")
+    prune = list(res1.best_policy)
+    full = joint.search_space
+
+    def space_fn(model: nn.Module, t: float, *, fill: bool = True) -> SearchSpace:
+        return frozen(full(model, t, fill=fill), prune)
+
+    stage2 = copy.copy(joint)
+    stage2.search_space = space_fn  # type: ignore[method-assign]
+    res2 = run_search(bench, stage2, config(bench, hpo=a.optimizer, seed=seed, target=target,
+                                            episodes=a.episodes - half), cell / "bits")
+    return res2.best_policy, {"candidates": len(res1.trials) + len(res2.trials), "val_acc": res2.best_val_acc,
+                              "prune_val_acc": res1.best_val_acc, "seconds": res1.seconds + res2.seconds,
+                              "s_per_candidate": _median_seconds(res1.trials + res2.trials)}
+
+
+def _median_seconds(trials: list[dict[str, Any]]) -> float | None:
+    secs = [float(t["seconds"]) for t in trials if t.get("status") == "ok"]
+    return statistics.median(secs) if secs else None
+
+
+def run_cell(bench: Bench, row: str, seed: int, target: float, cell: Path, base_onnx: Path) -> dict[str, Any]:
+    a, joint = bench.args, composite(bench, seed)
+    policy, info = best_policy(bench, row, seed, target, cell)
+    space = joint.search_space(bench.base, target)
+    assert space.budget.satisfied(policy), f"{row}: the policy is over the BitOps target"
+    seed_everything(seed)
+    with contextlib.nullcontext() if a.verbose else contextlib.redirect_stdout(io.StringIO()):
+        final, val_before, _, secs = retrain(joint, bench.base, policy, bench.data, epochs=a.retrain_epochs,
+                                             lr=bench.cfg["search"]["retrain_lr"], device=bench.device)
+    final.eval()
+    test = evaluate(final, bench.data.loader("test", batch_size=500), device=bench.device)
+    k = space.meta["split"]
+    fr = joint.joint_fractions(policy)
+    flops = joint.first.search_space(bench.base, 1.0).budget.fraction(policy[:k])
+    out = {"net": bench.net, "row": row, "seed": seed, "optimizer": a.optimizer if info["candidates"] > 1 else None,
+           "bitops_target": target, **fr, "flops_kept": flops, "test_acc": test, "val_before_retrain": val_before,
+           "retrain_s": secs, "retrain_epochs": a.retrain_epochs, "policy": policy, "split": k,
+           "avg_bits": _avg_bits(joint, policy[k:]), "base_test": bench.base_test, **info}
+    out.update(speed(bench, final, base_onnx, cell))
+    return out
+
+
+def _avg_bits(joint: Any, bits: list[float]) -> float:
+    sizes = [int(m.weight.numel()) for _, m in _quant_layers(joint)]
+    return float(sum(round(b) * n for b, n in zip(bits, sizes)) / sum(sizes))
+
+
+def _quant_layers(joint: Any) -> list[tuple[str, nn.Module]]:
+    from torchpocket.learners._quant import quant_layers
+
+    return quant_layers(joint._model)
+
+
+def speed(bench: Bench, final: nn.Module, base_onnx: Path, cell: Path) -> dict[str, Any]:
+    """``model.int8.onnx`` of ``final`` against the fp32 baseline's ONNX file, in the same rounds."""
+    shape = bench.input_shape
+    with tempfile.TemporaryDirectory(prefix="torchpocket-joint-") as tmp:
+        p8 = export_int8_onnx(copy.deepcopy(final).cpu().eval(), Path(tmp) / "model.int8.onnx", shape)
+        threads = torch.get_num_threads()
+        times = {b: compare_onnx_latency({"fp32 baseline": base_onnx, "int8": p8}, shape, batch_size=b,
+                                         threads=threads, repeats=bench.args.latency_repeats) for b in (1, 64)}
+        size = file_size(p8)
+    return {"int8_bytes": size, "fp32_baseline_bytes": file_size(base_onnx),
+            "speedup_b1": times[1]["fp32 baseline"] / times[1]["int8"],
+            "speedup_b64": times[64]["fp32 baseline"] / times[64]["int8"]}
+
+
+def table(rows: list[dict[str, Any]], base_test: float) -> str:
+    order = [r for r in ROWS if any(x["row"] == r for x in rows)]
+    body = []
+    for name in order:
+        g = [x for x in rows if x["row"] == name]
+        body.append([f"`{name}`" + (f" ({g[0]['optimizer']})" if g[0].get("optimizer") else ""), len(g),
+                     pm([x["bitops_fraction"] for x in g], 4), pm([x["bytes_fraction"] for x in g], 3),
+                     pm([x["flops_kept"] for x in g], 3), pm([x["avg_bits"] for x in g], 2),
+                     pm([x["val_acc"] for x in g if "val_acc" in x]) if any("val_acc" in x for x in g) else "–",
+                     pm([x["test_acc"] for x in g]), pm([x["test_acc"] - base_test for x in g]),
+                     pm([x["speedup_b1"] for x in g]) + "x", pm([x["speedup_b64"] for x in g]) + "x",
+                     pm([x["fp32_baseline_bytes"] / x["int8_bytes"] for x in g], 1) + "x",
+                     max(x["candidates"] for x in g)])
+    head = ["row", "seeds", "BitOps kept", "bytes kept", "FLOPs kept", "avg weight bits", "best val (reward split)",
+            "test after re-train", "vs fp32 baseline", "int8 ONNX speed-up b1", "b64", "ONNX file smaller",
+            "candidates"]
+    return md_table(head, body, right=[False] + [True] * (len(head) - 1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--net", default="resnet20")
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--init", default=None, help="baseline checkpoint (default: the shipped one)")
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    ap.add_argument("--optimizer", default="tpe", help="the joint and sequential searches' --hpo (default: tpe)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--episodes", type=int, default=200, help="candidates per search (sequential: half each)")
+    ap.add_argument("--bitops", type=float, default=None,
+                    help="BitOps to keep, a fraction of fp32 x fp32 (default: prune-0.5+int8's)")
+    ap.add_argument("--prune-flops", type=float, default=0.5, help="FLOPs kept by prune-0.5+int8 (default 0.5)")
+    ap.add_argument("--seq-flops", type=float, default=0.7, help="FLOPs the sequential prune keeps (default 0.7)")
+    ap.add_argument("--retrain-epochs", type=int, default=2)
+    ap.add_argument("--retrain-steps", type=int, default=0)
+    ap.add_argument("--retrain-lr", type=float, default=None)
+    ap.add_argument("--reward-val-size", type=int, default=2000)
+    ap.add_argument("--latency-repeats", type=int, default=30)
+    ap.add_argument("--channel-round", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cells", default="joint-cells")
+    ap.add_argument("--out", default="joint.md")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args()
+    if args.episodes < 2:
+        raise UserError(f"--episodes must be at least 2 (the sequential row splits them), got {args.episodes}")
+    args.optimizers, args.targets = [args.optimizer], [args.prune_flops]
+    bench = setup(args)
+    shape = bench.input_shape
+    cells = Path(args.cells)
+    with tempfile.TemporaryDirectory(prefix="torchpocket-joint-base-") as tmp:
+        base_onnx = export_onnx(copy.deepcopy(bench.base).cpu().eval(), Path(tmp) / "baseline.onnx", shape)
+        rows = []
+        for seed in args.seeds:
+            target = args.bitops or composite(bench, seed).search_space(bench.base, 1.0).budget.fraction(
+                fixed_policy(bench, seed, args.prune_flops))
+            for row in args.rows:
+                cell = cells / f"{bench.net}-bitops-t{target:.4f}-{row}-s{seed}"
+                done = cell / "result.json"
+                if not done.is_file():
+                    cell.mkdir(parents=True, exist_ok=True)
+                    result = run_cell(bench, row, seed, target, cell, base_onnx)
+                    atomic_write_text(done, json.dumps(result, indent=1))
+                r = json.loads(done.read_text())
+                print(f"  {cell.name}: test {r['test_acc']:.2f}%, BitOps {r['bitops_fraction']:.4f}, "
+                      f"int8 speed-up b1 {r['speedup_b1']:.2f}x b64 {r['speedup_b64']:.2f}x", flush=True)
+                rows.append(r)
+    text = header("Joint prune + quantize search at equal BitOps", bench) + "\n\n" + table(rows, bench.base_test)
+    text += ("\n\nBitOps: sum over Conv2d / Linear of MACs x weight bits x activation bits (8), as a fraction of "
+             "the fp32 network's (x 32 x 32); bytes: stored weights at their bit-widths plus the other parameters "
+             "in fp32. Speed-ups: each row's `model.int8.onnx` against the fp32 baseline's ONNX file in the same "
+             "ONNX Runtime rounds.\n")
+    atomic_write_text(Path(args.out), text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main_guard(main)
