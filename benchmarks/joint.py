@@ -1,22 +1,23 @@
 #!/usr/bin/env python
 """Joint prune + quantize search (``chn-pruned+uniform-quant``) against its alternatives at equal BitOps.
 
-Every row ends at the same BitOps (``sum over Conv2d / Linear of MACs x weight bits x activation bits``, a
-fraction of the fp32 network's) and gets the same distilled QAT re-training, then the test split once:
+Every row ends at the same BitOps (``--resource bitops``: ``sum over Conv2d / Linear of MACs x weight bits x
+activation bits``, a fraction of the fp32 network's; or ``--resource bytes``: the weights' stored size) and gets
+the same distilled QAT re-training, then the test split once:
 
 - ``joint``: one search of ``--episodes`` candidates over both decisions per layer (``--optimizer``);
 - ``sequential``: a search of half the candidates over preserve ratios alone at ``--seq-flops`` of the FLOPs,
   then a search of the other half over bit-widths alone, the pruning frozen at the first search's best,
-  under the same BitOps Budget: each stage blind to the other, the same candidate count in all;
+  under the same joint Budget: each stage blind to the other, the same candidate count in all;
 - ``prune-0.5+int8``: the uniform preserve ratio keeping ``--prune-flops`` of the FLOPs, every layer at 8 bits;
 - ``uniform-both``: every value at the same fraction of its range (``Budget.uniform_path``).
 
-The BitOps target is that of ``prune-0.5+int8`` unless ``--bitops`` gives one. Candidates are scored on the
+The target is that of ``prune-0.5+int8`` unless ``--target`` gives one. Candidates are scored on the
 reward split after reconstruction and activation calibration, with no fine-tuning (as ``run.py`` does).
 Each row's final model is exported as ``model.int8.onnx`` and timed against the fp32 baseline's ONNX file in
 the same ONNX Runtime rounds (median of ``--latency-repeats``), at batch 1 and 64.
 
-Each (net, BitOps target, row, seed) is a cell under ``--cells`` (``result.json`` when done, the search's
+Each (net, resource, target, row, seed) is a cell under ``--cells`` (``result.json`` when done, the search's
 trial log while it runs): a killed run resumes where it stopped, and a finished cell is skipped.
 
 First figures (2-core machine, seed 0)::
@@ -55,7 +56,7 @@ ROWS = ("joint", "sequential", "prune-0.5+int8", "uniform-both")
 
 
 def composite(bench: Bench, seed: int) -> Any:
-    """The prepared joint learner for ``seed`` (BitOps Budget), built once per seed."""
+    """The prepared joint learner for ``seed`` (a ``--resource`` Budget), built once per seed."""
     key = ("composite", seed)
     if key not in bench.learners:
         cfg = config(bench, hpo="none", seed=seed, target=1.0, episodes=1)
@@ -66,7 +67,8 @@ def composite(bench: Bench, seed: int) -> Any:
 
 
 def config(bench: Bench, *, hpo: str, seed: int, target: float, episodes: int, learner: str = LEARNER,
-           resource: str = "bitops") -> dict[str, Any]:
+           resource: str | None = None) -> dict[str, Any]:
+    resource = resource or bench.args.resource
     cfg = copy.deepcopy(bench.cfg)
     cfg["run"].update(learner=learner, hpo=hpo, seed=seed, target=target, resource=resource)
     cfg["search"]["episodes"] = episodes
@@ -142,7 +144,7 @@ def run_cell(bench: Bench, row: str, seed: int, target: float, cell: Path, base_
     a, joint = bench.args, composite(bench, seed)
     policy, info = best_policy(bench, row, seed, target, cell)
     space = joint.search_space(bench.base, target)
-    assert space.budget.satisfied(policy), f"{row}: the policy is over the BitOps target"
+    assert space.budget.satisfied(policy), f"{row}: the policy is over the {a.resource} target"
     seed_everything(seed)
     with contextlib.nullcontext() if a.verbose else contextlib.redirect_stdout(io.StringIO()):
         final, val_before, _, secs = retrain(joint, bench.base, policy, bench.data, epochs=a.retrain_epochs,
@@ -153,10 +155,11 @@ def run_cell(bench: Bench, row: str, seed: int, target: float, cell: Path, base_
     fr = joint.joint_fractions(policy)
     flops = joint.first.search_space(bench.base, 1.0).budget.fraction(policy[:k])
     out = {"net": bench.net, "row": row, "seed": seed, "optimizer": a.optimizer if info["candidates"] > 1 else None,
-           "bitops_target": target, **fr, "flops_kept": flops, "test_acc": test, "val_before_retrain": val_before,
+           "resource": a.resource, "target": target, **fr, "flops_kept": flops, "test_acc": test,
+           "val_before_retrain": val_before,
            "retrain_s": secs, "retrain_epochs": a.retrain_epochs, "policy": policy, "split": k,
            "avg_bits": _avg_bits(joint, policy[k:]), "base_test": bench.base_test, **info}
-    out.update(speed(bench, final, base_onnx, cell))
+    out.update(speed(bench, final, base_onnx))
     return out
 
 
@@ -171,7 +174,7 @@ def _quant_layers(joint: Any) -> list[tuple[str, nn.Module]]:
     return quant_layers(joint._model)
 
 
-def speed(bench: Bench, final: nn.Module, base_onnx: Path, cell: Path) -> dict[str, Any]:
+def speed(bench: Bench, final: nn.Module, base_onnx: Path) -> dict[str, Any]:
     """``model.int8.onnx`` of ``final`` against the fp32 baseline's ONNX file, in the same rounds."""
     shape = bench.input_shape
     with tempfile.TemporaryDirectory(prefix="torchpocket-joint-") as tmp:
@@ -215,8 +218,10 @@ def main() -> None:
     ap.add_argument("--optimizer", default="tpe", help="the joint and sequential searches' --hpo (default: tpe)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--episodes", type=int, default=200, help="candidates per search (sequential: half each)")
-    ap.add_argument("--bitops", type=float, default=None,
-                    help="BitOps to keep, a fraction of fp32 x fp32 (default: prune-0.5+int8's)")
+    ap.add_argument("--resource", default="bitops", choices=("bitops", "bytes"),
+                    help="the joint Budget every row meets (default: %(default)s)")
+    ap.add_argument("--target", type=float, default=None,
+                    help="resource to keep, a fraction of the fp32 network's (default: prune-0.5+int8's)")
     ap.add_argument("--prune-flops", type=float, default=0.5, help="FLOPs kept by prune-0.5+int8 (default 0.5)")
     ap.add_argument("--seq-flops", type=float, default=0.7, help="FLOPs the sequential prune keeps (default 0.7)")
     ap.add_argument("--retrain-epochs", type=int, default=2)
@@ -241,20 +246,22 @@ def main() -> None:
         base_onnx = export_onnx(copy.deepcopy(bench.base).cpu().eval(), Path(tmp) / "baseline.onnx", shape)
         rows = []
         for seed in args.seeds:
-            target = args.bitops or composite(bench, seed).search_space(bench.base, 1.0).budget.fraction(
+            target = args.target or composite(bench, seed).search_space(bench.base, 1.0).budget.fraction(
                 fixed_policy(bench, seed, args.prune_flops))
             for row in args.rows:
-                cell = cells / f"{bench.net}-bitops-t{target:.4f}-{row}-s{seed}"
+                cell = cells / f"{bench.net}-{args.resource}-t{target:.4f}-{row}-s{seed}"
                 done = cell / "result.json"
                 if not done.is_file():
                     cell.mkdir(parents=True, exist_ok=True)
                     result = run_cell(bench, row, seed, target, cell, base_onnx)
                     atomic_write_text(done, json.dumps(result, indent=1))
                 r = json.loads(done.read_text())
-                print(f"  {cell.name}: test {r['test_acc']:.2f}%, BitOps {r['bitops_fraction']:.4f}, "
+                kept = r[f"{args.resource}_fraction"]
+                print(f"  {cell.name}: test {r['test_acc']:.2f}%, {args.resource} {kept:.4f}, "
                       f"int8 speed-up b1 {r['speedup_b1']:.2f}x b64 {r['speedup_b64']:.2f}x", flush=True)
                 rows.append(r)
-    text = header("Joint prune + quantize search at equal BitOps", bench) + "\n\n" + table(rows, bench.base_test)
+    text = header(f"Joint prune + quantize search at equal {args.resource}", bench)
+    text += "\n\n" + table(rows, bench.base_test)
     text += ("\n\nBitOps: sum over Conv2d / Linear of MACs x weight bits x activation bits (8), as a fraction of "
              "the fp32 network's (x 32 x 32); bytes: stored weights at their bit-widths plus the other parameters "
              "in fp32. Speed-ups: each row's `model.int8.onnx` against the fp32 baseline's ONNX file in the same "

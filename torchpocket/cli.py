@@ -128,6 +128,11 @@ def print_list() -> None:
         print(f"{title}:")
         for name in reg.names():
             print(f"  {name:<18} {reg.doc(name)}")
+        if title == "learners":
+            from torchpocket.learners.composite import composite_names
+
+            print(f"  {'A+B':<18} joint search, one policy and one budget (--resource bitops | bytes): "
+                  + ", ".join(composite_names()))
         if title == "nets":
             print(
                 f"  {'tv:<name>':<18} any torchvision classification model, random init "

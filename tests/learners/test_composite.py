@@ -107,3 +107,15 @@ def build_net_like(summary: dict, in_channels: int) -> torch.nn.Module:
     from torchpocket.nets import create_net
 
     return create_net(summary["net"], in_channels=in_channels, num_classes=10).eval()
+
+
+def test_each_part_gets_its_own_config_sections() -> None:
+    from torchpocket.pipeline import make_learner
+
+    cfg = default_config()
+    cfg["run"].update(learner="dis-chn-pruned+uniform-quant", resource="bytes")
+    cfg["chn"]["low"], cfg["quant"]["act_bits"], cfg["dcp"]["stages"] = 0.3, 6, 2
+    lrn = make_learner(cfg, torch.device("cpu"))
+    assert lrn.resource == "bytes" and lrn.first.resource == "flops"  # the composite's, and its part's own
+    assert lrn.first.config.low == 0.3 and lrn.first.dcp.stages == 2 and lrn.activation_bits() == 6
+    assert "dis-chn-pruned+uniform-quant" in LEARNERS and LEARNERS.doc("dis-chn-pruned+uniform-quant")

@@ -53,6 +53,11 @@ def _seconds() -> list[str]:
     return [n for n in LEARNERS.names() if LEARNERS.get(n).stage == "quantize"]
 
 
+def composite_names() -> list[str]:
+    """Every ``A+B`` the registered learners allow."""
+    return [f"{a}+{b}" for a in _firsts() for b in _seconds()]
+
+
 def compose(name: str, parts: list[type[Learner]]) -> type[Learner]:
     """The learner class ``A+B`` of two registered learners, or a one-line :class:`UserError` saying why not."""
     if len(parts) != 2:
