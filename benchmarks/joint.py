@@ -188,6 +188,53 @@ def speed(bench: Bench, final: nn.Module, base_onnx: Path) -> dict[str, Any]:
             "speedup_b64": times[64]["fp32 baseline"] / times[64]["int8"]}
 
 
+SIZE_LEARNER = "weight-sparse+non-uniform-quant"
+
+
+def size_cell(bench: Bench, optimizer: str, seed: int, target: float, cell: Path) -> dict[str, Any]:
+    """Deep Compression as one search: densities and codebook bits under a bytes Budget, then the files."""
+    a = bench.args
+    episodes = 1 if optimizer == "uniform" else a.episodes
+    cfg = config(bench, hpo=optimizer, seed=seed, target=target, episodes=episodes, learner=SIZE_LEARNER,
+                 resource="bytes")
+    cfg["ws"]["conv_min_density"] = a.size_conv_min_density
+    learner = make_learner(cfg, bench.device)
+    learner.prepare(bench.base, bench.data)
+    res = run_search(bench, learner, cfg, cell / "search")
+    seed_everything(seed)
+    with contextlib.nullcontext() if a.verbose else contextlib.redirect_stdout(io.StringIO()):
+        final, val_before, _, secs = retrain(learner, bench.base, res.best_policy, bench.data,
+                                             epochs=a.retrain_epochs, lr=bench.cfg["search"]["retrain_lr"],
+                                             device=bench.device)
+    final.eval()
+    test = evaluate(final, bench.data.loader("test", batch_size=500), device=bench.device)
+    with tempfile.TemporaryDirectory(prefix="torchpocket-size-") as tmp:
+        files = learner.export(final, Path(tmp), bench.data.example())
+    k = learner.search_space(bench.base, target).meta["split"]
+    return {"net": bench.net, "row": "size", "optimizer": optimizer, "seed": seed, "target": target,
+            **learner.joint_fractions(res.best_policy), "test_acc": test, "val_acc": res.best_val_acc,
+            "val_before_retrain": val_before, "retrain_s": secs, "policy": res.best_policy, "split": k,
+            "mean_density": float(np.mean(res.best_policy[:k])), "candidates": len(res.trials),
+            "base_test": bench.base_test, **{key: files[key] for key in ("fp32_bytes", "codebook_bytes", "xz_bytes",
+                                                                        "reload_identical")}}
+
+
+def size_table(rows: list[dict[str, Any]], base_test: float) -> str:
+    body = []
+    for (opt, target) in sorted({(r["optimizer"], r["target"]) for r in rows}, key=lambda t: (t[1], t[0] != "uniform")):
+        g = [r for r in rows if (r["optimizer"], r["target"]) == (opt, target)]
+        body.append([f"{target:g}", f"`{opt}`", len(g), pm([r["bytes_fraction"] for r in g], 4),
+                     pm([r["mean_density"] for r in g], 3), pm([r["val_acc"] for r in g]),
+                     pm([r["test_acc"] for r in g]), pm([r["test_acc"] - base_test for r in g]),
+                     pm([r["fp32_bytes"] / r["codebook_bytes"] for r in g], 1) + "x",
+                     pm([r["fp32_bytes"] / r["xz_bytes"] for r in g], 1) + "x",
+                     "yes" if all(r["reload_identical"] for r in g) else "NO"])
+    head = ["bytes target", "optimizer", "seeds", "bytes kept (Budget)", "mean density", "best val (reward split)",
+            "test after re-train", "vs fp32 baseline", "model.codebook.pt smaller", "model.codebook.pt.xz smaller",
+            "reloads identical"]
+    return md_table(head, body, right=[False, False] + [True] * (len(head) - 2))
+
+
 def table(rows: list[dict[str, Any]], base_test: float) -> str:
     order = [r for r in ROWS if any(x["row"] == r for x in rows)]
     body = []
@@ -215,6 +262,13 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--init", default=None, help="baseline checkpoint (default: the shipped one)")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    ap.add_argument("--part", default="equal", choices=("equal", "size"),
+                    help="equal: the rows at one joint target; size: weight-sparse+non-uniform-quant under "
+                         "--size-targets (bytes), its files against the fp32 one")
+    ap.add_argument("--size-targets", type=float, nargs="+", default=[0.04])
+    ap.add_argument("--size-optimizers", nargs="+", default=["uniform", "tpe"])
+    ap.add_argument("--size-conv-min-density", type=float, default=0.05,
+                    help="--ws-conv-min-density of the size part (default: %(default)s)")
     ap.add_argument("--optimizer", default="tpe", help="the joint and sequential searches' --hpo (default: tpe)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--episodes", type=int, default=200, help="candidates per search (sequential: half each)")
@@ -242,6 +296,29 @@ def main() -> None:
     bench = setup(args)
     shape = bench.input_shape
     cells = Path(args.cells)
+    if args.part == "size":
+        rows = []
+        for target in args.size_targets:
+            for opt in args.size_optimizers:
+                for seed in args.seeds:
+                    cell = cells / f"{bench.net}-size-t{target:g}-{opt}-s{seed}"
+                    done = cell / "result.json"
+                    if not done.is_file():
+                        cell.mkdir(parents=True, exist_ok=True)
+                        atomic_write_text(done, json.dumps(size_cell(bench, opt, seed, target, cell), indent=1))
+                    r = json.loads(done.read_text())
+                    print(f"  {cell.name}: test {r['test_acc']:.2f}%, bytes {r['bytes_fraction']:.4f}, xz file "
+                          f"{r['fp32_bytes'] / r['xz_bytes']:.1f}x smaller", flush=True)
+                    rows.append(r)
+        text = header(f"Deep Compression as one search ({SIZE_LEARNER}), file sizes", bench)
+        text += "\n\n" + size_table(rows, bench.base_test) + (
+            "\n\nBytes (the Budget): each kept weight at its codebook bits, one bitmask bit per weight of a sparse "
+            "layer, the other parameters in fp32, as a fraction of the fp32 parameters. Files: `model.codebook.pt` "
+            "(codebooks, packed indices of the kept weights, packed bitmasks) and the same file xz-compressed, "
+            "against the fp32 state_dict file.\n")
+        atomic_write_text(Path(args.out), text)
+        print(text)
+        return
     with tempfile.TemporaryDirectory(prefix="torchpocket-joint-base-") as tmp:
         base_onnx = export_onnx(copy.deepcopy(bench.base).cpu().eval(), Path(tmp) / "baseline.onnx", shape)
         rows = []

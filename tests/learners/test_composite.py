@@ -25,7 +25,7 @@ NAME = "chn-pruned+uniform-quant"
 @pytest.mark.parametrize(("name", "expect"), [
     ("uniform-quant+non-uniform-quant", "two quantizers"),
     ("full-prec+uniform-quant", "full-prec cannot come first"),
-    ("weight-sparse+uniform-quant", "weight-sparse cannot come first"),
+    ("weight-sparse+uniform-quant", "uniform-quant would not keep weight-sparse's zeros"),
     ("chn-pruned+dis-chn-pruned", "dis-chn-pruned cannot come second"),
     ("chn-pruned+uniform-quant+non-uniform-quant", "joins two learners"),
     ("chn-prund+uniform-quant", "did you mean 'chn-pruned'"),

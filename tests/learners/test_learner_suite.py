@@ -128,8 +128,20 @@ def weight_bits(model: nn.Module) -> int:
         if p is not None and id(p) in seen:
             continue
         seen.add(id(p))
-        total += codes[n][1] * m.weight.numel() if n in codes else 32 * m.weight.numel()
+        total += codes[n][1] * codes[n][0].numel() if n in codes else 32 * m.weight.numel()
     return total
+
+
+def position_bits(model: nn.Module) -> int:
+    """One bit per weight of every layer stored sparse (a weight-shared layer with a mask: its bitmask)."""
+    return sum(int(m._buffers["mask"].numel()) for m in model.modules() if "mask" in getattr(m, "_buffers", {}))
+
+
+def other_params(model: nn.Module) -> int:
+    """Parameters other than the Conv2d / Linear weights and their codebooks (biases, norms): stored in fp32."""
+    skip = {id(m._parameters[k]) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+            for k in ("weight", "centroids") if m._parameters.get(k) is not None}
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
 
 EXPECT: dict[str, Expect] = {
@@ -141,8 +153,8 @@ EXPECT: dict[str, Expect] = {
     "weight-bits": Expect(lambda c, o, x: weight_bits(c) / (32 * layer_weights(o, nonzero=False)), tol=0.02),
     # composites: counted on the model (its MACs by forward hooks, its codes' bit-widths, its activation quantizers)
     "bitops": Expect(lambda c, o, x: bitops(c, x) / (bitops(o, x)), tol=0.01),
-    "bytes": Expect(lambda c, o, x: (weight_bits(c) + 32 * (n_params(c) - layer_weights(c, nonzero=False)))
-                    / (32 * n_params(o)), tol=0.01),
+    "bytes": Expect(lambda c, o, x: (weight_bits(c) + position_bits(c) + 32 * other_params(c)) / (32 * n_params(o)),
+                    tol=0.01),
 }
 
 
@@ -164,7 +176,10 @@ def check_bits_honoured(model: nn.Module, bits: dict[str, float]) -> None:
         assert code.unique().numel() <= 2**b, f"{name}: {code.unique().numel()} codes at {b} bits"
         m = mods[name]
         w = (m.quantized_weight() if hasattr(m, "quantized_weight") else m.weight).detach()
-        per_channel = max(row.unique().numel() for row in w.reshape(w.shape[0], -1))
+        mask = m._buffers.get("mask")  # a sparse layer: its pruned weights are zeros, not codes
+        rows = [r[k] for r, k in zip(w.reshape(w.shape[0], -1), mask.reshape(w.shape[0], -1))] if mask is not None \
+            else list(w.reshape(w.shape[0], -1))
+        per_channel = max(row.unique().numel() for row in rows)
         assert per_channel <= 2**b, f"{name}: {per_channel} distinct weights in one channel at {b} bits"
 
 
@@ -189,9 +204,11 @@ def is_plain(obj: Any) -> bool:
 # -- cases -------------------------------------------------------------------------------------
 
 
-COMPOSITES = ["chn-pruned+uniform-quant", "chn-pruned+non-uniform-quant"]  # A+B, built from the registry
-COMPOSITE_NETS = {"chn-pruned+uniform-quant": SMALL_NETS + ["mobilenet_v2"], "chn-pruned+non-uniform-quant": ["user"]}
+COMPOSITES = ["chn-pruned+uniform-quant", "chn-pruned+non-uniform-quant", "weight-sparse+non-uniform-quant"]
+COMPOSITE_NETS = {"chn-pruned+uniform-quant": SMALL_NETS + ["mobilenet_v2"], "chn-pruned+non-uniform-quant": ["user"],
+                  "weight-sparse+non-uniform-quant": ["user", "resnet20"]}
 JOINT_SCALE = 1 / 16  # a composite's BitOps targets: 8-bit weights x 8-bit activations are 1/16 of fp32 x fp32
+BYTES_SCALE = 0.3  # a sparse composite's bytes targets (a bitmask bit per weight and 2-8 bits per kept one)
 
 
 def searchable_learners() -> list[str]:
@@ -204,7 +221,7 @@ TRAIN_TARGET = 0.5  # the target of the fine-tune / re-train check (small nets o
 
 def target_scale(learner: str) -> float:
     if "+" in learner:
-        return JOINT_SCALE
+        return JOINT_SCALE if LEARNERS.get(learner).resources[0] == "bitops" else BYTES_SCALE
     return BITS_SCALE if getattr(LEARNERS.get(learner), "policy_name", "") == "bits" else 1.0
 
 

@@ -7,6 +7,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+MASK_ATTR = "_torchpocket_ws"  # {"density": {layer: float}, "masks": {layer: bool Tensor}} on a sparse module
+
+
+def weight_masks(model: nn.Module) -> dict[str, Tensor]:
+    """The weight masks a sparsifier left on ``model`` (layer name -> bool tensor, True = kept), else ``{}``."""
+    return dict((getattr(model, MASK_ATTR, None) or {}).get("masks", {}))
+
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Conv2d (depthwise included) and Linear modules with a weight, in registration order, each weight once

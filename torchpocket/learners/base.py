@@ -56,6 +56,8 @@ class Learner(ABC):
     resources: ClassVar[tuple[str, ...]] = ()
     # what it does to a model, for composites A+B: "structure" (A: pruning, sparsity) or "quantize" (B)
     stage: ClassVar[str | None] = None
+    sparse: ClassVar[bool] = False  # its models carry weight masks (``_layers.weight_masks``)
+    keeps_masks: ClassVar[bool] = False  # a quantizer that keeps a sparse model's zeros through training
     cli_name: ClassVar[str | None] = None  # the registered ``--learner`` name (set by ``register_learner``)
 
     def __init__(self, *, config: Any = None, train_cfg: TrainConfig | None = None,
@@ -121,9 +123,11 @@ class Learner(ABC):
         """Turn a freshly built uncompressed ``model`` into the compressed architecture ``arch``."""
         return model
 
-    def module_sizes(self, model: nn.Module, policy: Policy) -> tuple[dict[str, tuple[float, float]], float] | None:
+    def module_sizes(self, model: nn.Module, policy: Policy
+                     ) -> tuple[dict[str, tuple[float, ...]], float] | None:
         """What ``policy`` leaves of ``model`` (the prepared one), for a composite's joint Budget: per Conv2d /
-        Linear module it changes, (multiply-adds per sample, weights stored), and the parameters in all.
+        Linear module it changes, (multiply-adds per sample, weights stored[, position bits stored: a sparse
+        layer's bitmask]), and the parameters stored in all.
         ``None`` (the default): this learner cannot be the first part of a composite ``A+B``."""
         return None
 

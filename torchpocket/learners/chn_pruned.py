@@ -366,7 +366,7 @@ class ChnPrunedLearner(Learner):
         print(f"latency: predicted {json.dumps(pred)}", flush=True)
         return {**out, "latency_prediction": pred}
 
-    def module_sizes(self, model: nn.Module, policy: Policy) -> tuple[dict[str, tuple[float, float]], float]:
+    def module_sizes(self, model: nn.Module, policy: Policy) -> tuple[dict[str, tuple[float, ...]], float]:
         """Multiply-adds and weights of every Conv2d / Linear the cost model counts, and all parameters, after
         ``policy`` (exact: the same widths the cut leaves)."""
         _, cost = self._prepared(model)

@@ -53,9 +53,17 @@ def _seconds() -> list[str]:
     return [n for n in LEARNERS.names() if LEARNERS.get(n).stage == "quantize"]
 
 
+def _keeps(name: str) -> bool:
+    from torchpocket.learners import LEARNERS
+
+    return bool(LEARNERS.get(name).keeps_masks)
+
+
 def composite_names() -> list[str]:
     """Every ``A+B`` the registered learners allow."""
-    return [f"{a}+{b}" for a in _firsts() for b in _seconds()]
+    from torchpocket.learners import LEARNERS
+
+    return [f"{a}+{b}" for a in _firsts() for b in _seconds() if not LEARNERS.get(a).sparse or _keeps(b)]
 
 
 def compose(name: str, parts: list[type[Learner]]) -> type[Learner]:
@@ -70,6 +78,9 @@ def compose(name: str, parts: list[type[Learner]]) -> type[Learner]:
     if second.stage != "quantize":
         raise UserError(f"--learner {name}: {second.cli_name} cannot come second; the second part is a quantizer "
                         f"({', '.join(_seconds())})")
+    if first.sparse and not second.keeps_masks:
+        raise UserError(f"--learner {name}: {second.cli_name} would not keep {first.cli_name}'s zeros through "
+                        f"training; quantizers that do: {', '.join(n for n in _seconds() if _keeps(n))}")
     if first.stage != "structure" or first.module_sizes is Learner.module_sizes:
         why = ("does not report the per-layer sizes a joint Budget needs yet" if first.stage == "structure"
                else "changes no structure")
@@ -78,7 +89,10 @@ def compose(name: str, parts: list[type[Learner]]) -> type[Learner]:
     extra = {"first_config": first.section, "second_config": second.section}
     extra.update({f"first.{k}": s for k, s in first.extra_sections.items()})
     extra.update({f"second.{k}": s for k, s in second.extra_sections.items()})
-    attrs = {"parts": (first, second), "cli_name": name, "extra_sections": {k: s for k, s in extra.items() if s},
+    # a sparsifier's kernels run dense: BitOps hardly move with it, bytes do (Deep Compression's measure)
+    resources = ("bytes", "bitops") if first.sparse else ("bitops", "bytes")
+    attrs = {"parts": (first, second), "cli_name": name, "resources": resources,
+             "extra_sections": {k: s for k, s in extra.items() if s},
              "policy_name": f"{first.policy_name} / {second.policy_name}",
              "__doc__": f"{first.cli_name} then {second.cli_name}, searched jointly under one budget",
              "__module__": __name__}
@@ -157,8 +171,10 @@ class CompositeLearner(Learner):
             bits = [float(int(np.floor(v + 0.5))) for v in pb]
             if unit == "bitops":
                 return float(sum(sizes.get(n, (self._macs.get(n, 0), 0))[0] * w * abits for n, w in zip(qnames, bits)))
-            weights = [sizes.get(n, (0, self._weights[n]))[1] for n in qnames]
-            return float(sum(k * w for k, w in zip(weights, bits)) + FP * (total - sum(weights))) / 8
+            rows = [sizes.get(n, (0.0, float(self._weights[n]))) for n in qnames]
+            weights = [r[1] for r in rows]
+            positions = sum(r[2] if len(r) > 2 else 0.0 for r in rows)  # a sparse layer's bitmask
+            return float(sum(k * w for k, w in zip(weights, bits)) + positions + FP * (total - sum(weights))) / 8
 
         full = float(sum(self._macs.get(n, 0) for n in qnames)) * FP * FP if unit == "bitops" else FP * params / 8
         return cost, full

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
 from torchpocket.learners import register_learner
-from torchpocket.learners._layers import layer_macs
+from torchpocket.learners._layers import layer_macs, weight_masks
 from torchpocket.learners._quant import (
     NON_UNIFORM_BITS,
     QuantConfig,
@@ -48,6 +48,7 @@ from torchpocket.space import Policy, SearchSpace
 
 ARCH_VERSION = 1
 CODEBOOK_FORMAT = "torchpocket-codebook"
+XZ_MAGIC = b"\xfd7zXZ\x00"
 
 
 # -- k-means ------------------------------------------------------------------------------------
@@ -111,14 +112,20 @@ class _SharedWeightMixin:
     @property
     def weight(self) -> Tensor:
         c, idx = self.centroids, self.assign.long()
+        mask = self._buffers.get("mask")
         if getattr(self, "grad_mode", "mean") == "mean" and torch.is_grad_enabled() and c.requires_grad:
             # same values; the per-cluster gradient sum is divided by the cluster size
-            counts = torch.bincount(idx.reshape(-1), minlength=c.numel()).clamp_min(1).to(c.dtype)
+            kept = idx if mask is None else idx[mask]
+            counts = torch.bincount(kept.reshape(-1), minlength=c.numel()).clamp_min(1).to(c.dtype)
             c = c.detach() + (c - c.detach()) / counts
-        return c[idx]
+        w = c[idx]
+        return w if mask is None else w * mask  # a sparse layer's pruned weights stay exactly zero
 
     def weight_codes(self) -> tuple[Tensor, int]:
-        return self.assign.long(), self.codebook_bits
+        """The codes of the stored weights (a sparse layer's kept ones only) and their bit-width."""
+        mask = self._buffers.get("mask")
+        idx = self.assign.long()
+        return (idx if mask is None else idx[mask]), self.codebook_bits
 
 
 class SharedConv2d(_SharedWeightMixin, nn.Conv2d):
@@ -131,22 +138,36 @@ class SharedLinear(_SharedWeightMixin, nn.Linear):
         return nn.functional.linear(x, self.weight, self.bias)
 
 
-def _share_(m: nn.Module, bits: int, centroids: Tensor, assign: Tensor, grad_mode: str = "mean") -> None:
-    """Turn a Conv2d / Linear into its weight-shared version, in place (the ``weight`` parameter goes)."""
+def _share_(m: nn.Module, bits: int, centroids: Tensor, assign: Tensor, grad_mode: str = "mean",
+            mask: Tensor | None = None) -> None:
+    """Turn a Conv2d / Linear into its weight-shared version, in place (the ``weight`` parameter goes); with
+    ``mask`` (a sparse layer's kept weights), the others stay exactly zero."""
     dev = m.weight.device
     m._parameters.pop("weight", None)
     m.__class__ = SharedConv2d if isinstance(m, nn.Conv2d) else SharedLinear
     m.codebook_bits, m.grad_mode = int(bits), grad_mode
     m.register_parameter("centroids", nn.Parameter(centroids.float().to(dev)))
     m.register_buffer("assign", assign.to(torch.uint8).to(dev))
+    if mask is not None:
+        m.register_buffer("mask", mask.to(torch.bool).reshape(assign.shape).to(dev))
 
 
-def share_weights_(model: nn.Module, bits: dict[str, int], *, init: str, iters: int, grad_mode: str = "mean") -> None:
+def share_weights_(model: nn.Module, bits: dict[str, int], *, init: str, iters: int, grad_mode: str = "mean",
+                   masks: dict[str, Tensor] | None = None) -> None:
+    """k-means every named layer; a masked one (a sparsifier's) clusters its kept weights only (Deep Compression:
+    prune, then share the survivors), and its pruned weights stay zero."""
     mods = dict(model.named_modules())
     for name, b in bits.items():
         m = mods[name]
-        c, idx = kmeans_1d(m.weight, 2 ** b, init=init, iters=iters)
-        _share_(m, b, c, idx, grad_mode)
+        mask = (masks or {}).get(name)
+        if mask is None:
+            c, idx = kmeans_1d(m.weight, 2 ** b, init=init, iters=iters)
+        else:
+            mask = mask.to(m.weight.device).reshape(m.weight.shape).bool()
+            c, kept = kmeans_1d(m.weight.detach()[mask], 2 ** b, init=init, iters=iters)
+            idx = torch.zeros(m.weight.shape, dtype=torch.long)
+            idx[mask.cpu()] = kept.reshape(-1)
+        _share_(m, b, c, idx, grad_mode, mask)
 
 
 # -- the codebook deployment file ---------------------------------------------------------------
@@ -174,10 +195,14 @@ def save_codebook(model: nn.Module, path: str | os.PathLike) -> int:
     skip: set[str] = set()
     for name, m in model.named_modules():
         if isinstance(m, _SharedWeightMixin):
+            mask = m._buffers.get("mask")
+            codes = m.assign if mask is None else m.assign[mask]  # a sparse layer: its kept weights' codes only
             layers[name] = {"bits": int(m.codebook_bits), "shape": list(m.assign.shape),
                             "codebook": m.centroids.detach().float().cpu().clone(),
-                            "indices": torch.from_numpy(pack_indices(m.assign, m.codebook_bits))}
-            skip |= {f"{name}.centroids", f"{name}.assign"}
+                            "indices": torch.from_numpy(pack_indices(codes, m.codebook_bits))}
+            if mask is not None:  # and which weights those are: one bit each
+                layers[name]["mask"] = torch.from_numpy(np.packbits(mask.detach().cpu().reshape(-1).numpy()))
+            skip |= {f"{name}.centroids", f"{name}.assign", f"{name}.mask"}
     dense = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in skip}
     buf = io.BytesIO()
     torch.save({"format": CODEBOOK_FORMAT, "version": 1, "layers": layers, "dense": dense}, buf)
@@ -192,7 +217,12 @@ def load_codebook(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     if not p.is_file():
         raise UserError(f"codebook model {path} does not exist")
     try:
-        blob = torch.load(p, map_location="cpu", weights_only=True)
+        raw = p.read_bytes()
+        if raw.startswith(XZ_MAGIC):  # the entropy-coded copy (model.codebook.pt.xz)
+            import lzma
+
+            raw = lzma.decompress(raw)
+        blob = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's
         raise UserError(f"codebook model {path} cannot be read: {str(e).strip()[:200]}") from None
     if not isinstance(blob, dict) or blob.get("format") != CODEBOOK_FORMAT:
@@ -206,10 +236,19 @@ def load_codebook(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             raise UserError(f"codebook model {path} does not fit this network at layer {name!r} "
                             f"(expects a Conv2d / Linear weight {shape})")
         n = int(np.prod(shape))
-        idx = torch.from_numpy(unpack_indices(layer["indices"].numpy(), int(layer["bits"]), n)).reshape(shape)
+        mask = None
+        if "mask" in layer:
+            mask = torch.from_numpy(np.unpackbits(layer["mask"].numpy(), count=n).astype(bool)).reshape(shape)
+            kept = unpack_indices(layer["indices"].numpy(), int(layer["bits"]), int(mask.sum()))
+            idx = torch.zeros(shape, dtype=torch.long)
+            idx[mask] = torch.from_numpy(kept).long()
+        else:
+            idx = torch.from_numpy(unpack_indices(layer["indices"].numpy(), int(layer["bits"]), n)).reshape(shape)
         if not isinstance(m, _SharedWeightMixin):
-            _share_(m, int(layer["bits"]), layer["codebook"], idx)
+            _share_(m, int(layer["bits"]), layer["codebook"], idx, mask=mask)
         state[f"{name}.centroids"], state[f"{name}.assign"] = layer["codebook"], idx.to(torch.uint8)
+        if mask is not None:
+            state[f"{name}.mask"] = mask
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -231,6 +270,7 @@ class NonUniformQuantLearner(Learner):
     policy_name = "bits"
     resources = ("bits",)
     stage = "quantize"
+    keeps_masks = True  # a sparse layer's codebook covers its kept weights; the pruned ones stay zero
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -255,14 +295,15 @@ class NonUniformQuantLearner(Learner):
         bits = check_policy(policy, layers, NON_UNIFORM_BITS, "non-uniform-quant")
         new = copy.deepcopy(model)
         share_weights_(new, {n: b for (n, _), b in zip(layers, bits)}, init=self.config.kmeans_init,
-                       iters=self.config.kmeans_iters, grad_mode=self.config.kmeans_grad)
+                       iters=self.config.kmeans_iters, grad_mode=self.config.kmeans_grad, masks=weight_masks(model))
         return new
 
     def arch_state(self, model: nn.Module) -> dict[str, Any]:
         """Bits of every weight-shared layer (codebooks and indices are in the state_dict)."""
         shared = [(n, m) for n, m in model.named_modules() if isinstance(m, _SharedWeightMixin)]
         return {"version": ARCH_VERSION, "layers": {n: int(m.codebook_bits) for n, m in shared},
-                "grad": next((m.grad_mode for _, m in shared), self.config.kmeans_grad)}
+                "grad": next((m.grad_mode for _, m in shared), self.config.kmeans_grad),
+                "masked": [n for n, m in shared if "mask" in m._buffers]}
 
     @classmethod
     def rebuild(cls, model: nn.Module, arch: dict[str, Any]) -> nn.Module:
@@ -278,8 +319,9 @@ class NonUniformQuantLearner(Learner):
             if not isinstance(m, (nn.Conv2d, nn.Linear)):
                 raise UserError(f"the recorded weight sharing does not fit this network: no Conv2d / Linear "
                                 f"layer {name!r}")
+            mask = torch.ones(m.weight.shape, dtype=torch.bool) if name in arch.get("masked", []) else None
             _share_(m, int(b), torch.zeros(2 ** int(b)), torch.zeros(m.weight.shape, dtype=torch.uint8),
-                    str(arch.get("grad", "mean")))
+                    str(arch.get("grad", "mean")), mask)  # values (and a mask) come from the state_dict
         return model
 
     def onnx_float_model(self, model: nn.Module) -> nn.Module:
@@ -290,18 +332,20 @@ class NonUniformQuantLearner(Learner):
                 if isinstance(m, _SharedWeightMixin):
                     w = m.weight.detach().clone()
                     del m._parameters["centroids"], m._buffers["assign"]
+                    m._buffers.pop("mask", None)
                     m.__class__ = nn.Conv2d if isinstance(m, SharedConv2d) else nn.Linear
                     del m.codebook_bits, m.grad_mode
                     m.weight = nn.Parameter(w)
         return new.eval()
 
     def export(self, model: nn.Module, run_dir: Any, example: Tensor) -> dict[str, Any]:
-        """``model.codebook.pt`` (see :func:`load_codebook`), checked to reload identically; sizes vs fp32."""
+        """``model.codebook.pt`` (see :func:`load_codebook`) and its xz-compressed copy ``model.codebook.pt.xz``,
+        both checked to reload identically; sizes vs fp32."""
         path = Path(run_dir) / "model.codebook.pt"
         nbytes = save_codebook(model, path)
         buf = io.BytesIO()
         torch.save({k: v.detach().cpu().contiguous() for k, v in copy.deepcopy(model).cpu().state_dict().items()
-                    if not k.endswith((".centroids", ".assign"))} | {
+                    if not k.endswith((".centroids", ".assign", ".mask"))} | {
             f"{n}.weight": m.weight.detach().cpu().contiguous() for n, m in model.named_modules()
             if isinstance(m, _SharedWeightMixin)}, buf)
         fp32_bytes = len(buf.getvalue())
@@ -309,15 +353,23 @@ class NonUniformQuantLearner(Learner):
         x = example.to(p.device if p is not None else "cpu")
         was = model.training
         model.eval()
+        import lzma
+
+        from torchpocket.utils import atomic_write_bytes
+
+        xz = path.with_name(path.name + ".xz")  # the same file entropy-coded (Deep Compression's last stage)
+        atomic_write_bytes(xz, lzma.compress(path.read_bytes(), preset=9 | lzma.PRESET_EXTREME))
         with torch.no_grad():
             ref = model(x)
-            same = bool(torch.equal(load_codebook(path, copy.deepcopy(model))(x), ref))
+            same = all(bool(torch.equal(load_codebook(f, copy.deepcopy(model))(x), ref)) for f in (path, xz))
         model.train(was)
         shared = [m for m in model.modules() if isinstance(m, _SharedWeightMixin)]
         n = sum(m.assign.numel() for m in shared)
         bits = sum(m.assign.numel() * m.codebook_bits for m in shared)
+        xz_bytes = xz.stat().st_size
         return {"path": path.name, "codebook_bytes": nbytes, "fp32_bytes": fp32_bytes,
                 "compression": fp32_bytes / max(nbytes, 1), "average_weight_bits": bits / max(n, 1),
+                "xz_path": xz.name, "xz_bytes": xz_bytes, "compression_xz": fp32_bytes / max(xz_bytes, 1),
                 "weight_bits": {n_: int(m.codebook_bits) for n_, m in model.named_modules()
                                 if isinstance(m, _SharedWeightMixin)},
                 "reload_identical": same}

@@ -47,14 +47,13 @@ from torch import Tensor, nn
 from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
 from torchpocket.learners import register_learner
-from torchpocket.learners._layers import layer_macs
+from torchpocket.learners._layers import MASK_ATTR, layer_macs
 from torchpocket.learners._layers import weight_layers as prunable_layers
 from torchpocket.learners.base import Learner
 from torchpocket.learners.training import fit
 from torchpocket.options import opt
 from torchpocket.space import Budget, LayerSpec, Policy, SearchSpace
 
-MASK_ATTR = "_torchpocket_ws"  # {"density": {layer: float}, "masks": {layer: bool Tensor}} on the sparse module
 SPARSE_FORMAT = "torchpocket-sparse"
 ARCH_VERSION = 1
 
@@ -237,6 +236,7 @@ class WeightSparseLearner(Learner):
     policy_name = "density"
     resources = ("params",)
     stage = "structure"
+    sparse = True
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -305,6 +305,20 @@ class WeightSparseLearner(Learner):
         return SearchSpace(layers, budget, meta={
             "resource": "params", "measure": "nonzero-weights", "dense_layers": [n for n, _ in fixed],
             "policy": "density (fraction of weights kept) of each prunable layer"})
+
+    def module_sizes(self, model: nn.Module, policy: Policy
+                     ) -> tuple[dict[str, tuple[float, float, float]], float]:
+        """Per searched layer: its multiply-adds (dense: the kernels run dense), the weights it keeps, and one
+        position bit per weight where it keeps fewer than all (the bitmask); the parameters it stores in all."""
+        searched, _ = self._split(model)
+        sizes: dict[str, tuple[float, float, float]] = {}
+        cut = 0
+        for (name, m), d in zip(searched, policy):
+            n = int(m.weight.numel())
+            k = kept_count(d, n)
+            sizes[name] = (float(self._macs.get(name, 0)), float(k), float(n) if k < n else 0.0)
+            cut += n - k
+        return sizes, float(sum(p.numel() for p in model.parameters()) - cut)
 
     # -- compress ---------------------------------------------------------------------------------
     def compress(self, model: nn.Module, policy: Policy) -> nn.Module:
