@@ -43,6 +43,13 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(root / "cache")
 
 
+def shared_base(cache: str) -> list[str]:
+    """``--init`` of the one baseline every worker starts from: without it a worker with another --seed trains a
+    baseline of its own first, starts late, and may find every trial already drawn."""
+    (path,) = Path(cache).glob("baselines/resnet20-synthetic-s0-*.pt")
+    return ["--init", str(path)]
+
+
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("kind", storages())
 def test_two_workers_share_one_study(kind: str, cache: str, tmp_path: Path) -> None:
@@ -51,7 +58,8 @@ def test_two_workers_share_one_study(kind: str, cache: str, tmp_path: Path) -> N
     url = (f"sqlite:///{tmp_path / 'search.db'}" if kind == "sqlite"
            else os.environ["TORCHPOCKET_TEST_POSTGRES"].replace("postgres@", f"postgres:{secret}@", 1))
     study = f"workers-{uuid.uuid4().hex[:8]}"
-    argv = [*TINY, "--hpo", "tpe", "--episodes", str(BUDGET), "--storage", url, "--study-name", study]
+    argv = [*TINY, *shared_base(cache), "--hpo", "tpe", "--episodes", str(BUDGET), "--storage", url,
+            "--study-name", study]
     procs = [start([*argv, "--seed", str(i), "--out-dir", str(tmp_path / f"worker{i}")], env) for i in range(2)]
     outs = ["".join(p.communicate(timeout=400)) for p in procs]
     for p, out in zip(procs, outs):
@@ -84,7 +92,8 @@ def test_two_workers_share_one_pareto_study(cache: str, tmp_path: Path) -> None:
     """--pareto with --storage: one two-objective study, the budget exactly, one front written from all trials."""
     env = {**os.environ, "TORCHPOCKET_CACHE": cache, "PYTHONPATH": str(ROOT)}
     url, study = f"sqlite:///{tmp_path / 'front.db'}", f"front-{uuid.uuid4().hex[:8]}"
-    argv = [*TINY, "--hpo", "tpe", "--episodes", str(BUDGET), "--pareto", "0.3:0.7", "--storage", url,
+    argv = [*TINY, *shared_base(cache), "--hpo", "tpe", "--episodes", str(BUDGET), "--pareto", "0.3:0.7",
+            "--storage", url,
             "--study-name", study]
     procs = [start([*argv, "--seed", str(i), "--out-dir", str(tmp_path / f"worker{i}")], env) for i in range(2)]
     outs = ["".join(p.communicate(timeout=400)) for p in procs]
@@ -111,7 +120,8 @@ def test_a_worker_killed_mid_trial_has_its_trial_run_again_by_another(cache: str
     env = {**os.environ, "TORCHPOCKET_CACHE": cache, "PYTHONPATH": str(ROOT)}
     url, study = f"sqlite:///{tmp_path / 'search.db'}", f"dead-{uuid.uuid4().hex[:8]}"
     budget = 9
-    argv = [*TINY, "--hpo", "tpe", "--episodes", str(budget), "--storage", url, "--study-name", study,
+    argv = [*TINY, *shared_base(cache), "--hpo", "tpe", "--episodes", str(budget), "--storage", url,
+            "--study-name", study,
             "--heartbeat", "2"]
     procs = [start([*argv, "--seed", str(i), "--out-dir", str(tmp_path / f"worker{i}")],
                    {**env, faults.ENV: "trial-scored:2"} if i == 0 else env) for i in range(3)]
