@@ -33,6 +33,7 @@ def data(size: int = 16, n: int = 64) -> object:
 
 def learner(model: nn.Module, bundle: object = None, **options: object) -> ChnPrunedLearner:
     resource = str(options.pop("resource", "auto"))
+    options.setdefault("channel_round", 1)  # every width reachable: these tests are about other things
     lrn = ChnPrunedLearner(config=ChnConfig(**options), train_cfg=TrainConfig(batch_size=64), resource=resource)
     lrn.prepare(model, bundle or data())
     return lrn
@@ -324,7 +325,7 @@ def test_registered_with_config_section_and_flags() -> None:
                      "calib_batches": "--calib-batches", "points_per_layer": "--cp-points", "coupled": "--cp-coupled",
                      "latency_batch": "--latency-batch", "lut_repeats": "--lut-repeats",
                      "lut_points": "--lut-points", "lut_cache": "--lut-cache", "low": "--cp-low", "high": "--cp-high",
-                     "skip": "--cp-skip"}
+                     "skip": "--cp-skip", "round_batch": "--channel-round-batch"}
     assert ChnPrunedLearner.resources == ("flops", "params", "latency")  # --resource (the run's), flops first
     assert all(f.metadata["help"] for f in dataclasses.fields(ChnConfig))
 

@@ -9,12 +9,13 @@ import numpy as np
 from torchpocket.learners.channel_graph import GraphInfo
 
 
-def keep_counts(ratios: np.ndarray, sizes: np.ndarray, round_to: int = 1) -> np.ndarray:
+def keep_counts(ratios: np.ndarray, sizes: np.ndarray, round_to: int | np.ndarray = 1) -> np.ndarray:
     """Channels kept for preserve ratios: nearest of {multiples of round_to} U {size}, >= 1, <= size.
 
-    Non-decreasing in every ratio, and a ratio of 1 keeps everything.
+    ``round_to`` is one number or one per entry. Non-decreasing in every ratio, and a ratio of
+    1 keeps everything.
     """
-    n = max(1, int(round_to))
+    n = np.maximum(1, np.asarray(round_to, np.int64))
     r = np.clip(np.asarray(ratios, float), 0.0, 1.0)
     want = r * sizes
     lo = n * np.floor(want / n + 1e-9)
@@ -33,9 +34,11 @@ class CostModel:
     everything not modelled per layer is a constant measured once.
     """
 
-    def __init__(self, info: GraphInfo, *, round_to: int = 1) -> None:
-        self.info, self.round_to = info, round_to
+    def __init__(self, info: GraphInfo, *, round_to: int | Sequence[int] = 1) -> None:
+        """``round_to``: one channel granule for every group, or one per group (``--channel-round auto``)."""
         groups = info.groups
+        if not isinstance(round_to, int) and len(round_to) != len(groups):
+            raise ValueError(f"{len(round_to)} channel granules for {len(groups)} groups")
         cls_group, cls_size, cls_units = [], [], []
         for gi, g in enumerate(groups):
             for c in g.classes:
@@ -45,6 +48,10 @@ class CostModel:
         self.class_group = np.asarray(cls_group, np.int64)
         self.class_size = np.asarray(cls_size, np.int64)
         self.class_units = cls_units
+        self.info = info
+        self.round_to = round_to if isinstance(round_to, int) else [int(v) for v in round_to]
+        self.class_round = (np.full(len(cls_group), round_to, np.int64) if isinstance(round_to, int)
+                            else np.asarray(self.round_to, np.int64)[self.class_group])
         # kept indices of member i = cnt[i] @ kept units per class. A module's input (or a norm's channels) after a
         # torch.cat is a member of several groups, one slice each, and may hold slices of no group
         item_index: dict[tuple[str, str], list[int]] = {}
@@ -123,7 +130,7 @@ class CostModel:
         p = np.array([round(float(v), 6) for v in policy])  # Python's correctly rounded decimals, as when logged
         if p.shape != (self.n_groups,):
             raise ValueError(f"policy has {p.size} values, this model has {self.n_groups} prunable groups")
-        return keep_counts(p[self.class_group], self.class_size, self.round_to)
+        return keep_counts(p[self.class_group], self.class_size, self.class_round)
 
     def kept_units(self, policy: Sequence[float]) -> list[int]:
         k = self.counts(policy)

@@ -148,6 +148,11 @@ class Learner(ABC):
         """Deployment files built from ``model.onnx`` (an int8 model, say); top-level keys for summary.json."""
         return {}
 
+    def measured_options(self) -> dict[str, Any]:
+        """What this machine's measurements decided about the search space (``--channel-round auto``'s granules);
+        part of the key of cached probe scores. Nothing by default."""
+        return {}
+
     def summary_fields(self, policy: Policy, summary: dict[str, Any]) -> dict[str, Any]:
         """Extra top-level fields of summary.json for the final ``policy`` (``summary`` holds the measurements)."""
         return {}

@@ -52,12 +52,13 @@ from torchpocket.errors import UserError
 from torchpocket.learners import register_learner
 from torchpocket.learners._channel_cost import CostModel
 from torchpocket.learners._channel_latency import LatencyModel, build_latency_model
+from torchpocket.learners._channel_round import RoundingPlan, cache_root, load_or_probe, plan_key, probe_rounding
 from torchpocket.learners._importance import IMPORTANCE, Calib, Ranking
 from torchpocket.learners.base import Learner
 from torchpocket.learners.channel_graph import ChannelGroup, GraphInfo, apply_ops, find_channel_groups
 from torchpocket.options import opt
 from torchpocket.space import Budget, LayerSpec, Policy, SearchSpace
-from torchpocket.utils import atomic_write_text, machine_description
+from torchpocket.utils import atomic_write_text, machine_description, progress
 
 ARCH_ATTR = "_torchpocket_chn_arch"  # the pruning record rides on the pruned module (survives deepcopy)
 _RIDGE = 1e-3  # least squares: pull toward the original weights, relative to the Gram matrix's mean diagonal
@@ -73,7 +74,11 @@ class ChnConfig:
                       "magnitude (AMC) or random", flag="--cp-select", choices=("lasso", "l1", "random"))
     reconstruct: bool = opt(True, "re-fit each pruned layer's consumer by least squares on the calibration points",
                             flag="--cp-reconstruct")
-    channel_round: int = opt(1, "keep a multiple of this many channels in every pruned layer", flag="--channel-round")
+    channel_round: str = opt("1", "keep a multiple of this many channels in every pruned layer; auto: per layer, "
+                             "the largest granule (2 to 32) that rounding up to costs no time, timed on this machine "
+                             "once and kept under $TORCHPOCKET_CACHE/widths", flag="--channel-round")
+    round_batch: int = opt(16, "batch size of --channel-round auto's timings", flag="--channel-round-batch",
+                           positive=True)
     calib_batches: int = opt(8, "training batches (of --batch-size) whose feature maps are sampled once for "
                              "LASSO and reconstruction (AMC: 60 of 50)", flag="--calib-batches", positive=True)
     points_per_layer: int = opt(10, "random feature-map positions sampled per image and layer (AMC: 10)",
@@ -99,11 +104,26 @@ class ChnConfig:
     def check(cls, cfg: dict[str, Any]) -> None:
         import re
 
+        parse_channel_round(cfg["chn"]["channel_round"])
         for pattern in cfg["chn"]["skip"] or []:
             try:
                 re.compile(pattern)
             except re.error as e:
                 raise UserError(f"--cp-skip {pattern!r} is not a regular expression: {e}") from None
+
+
+def parse_channel_round(value: Any) -> int | str:
+    """``--channel-round``: ``auto`` or a whole number of channels of at least 1."""
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1 or str(n) != text:
+        raise UserError(f"--channel-round must be auto or a whole number of channels (at least 1), got {value!r}")
+    return n
 
 
 @register_learner("chn-pruned")
@@ -119,8 +139,7 @@ class ChnPrunedLearner(Learner):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         c = self.config
-        if c.channel_round < 1:
-            raise UserError(f"--channel-round must be at least 1, got {c.channel_round}")
+        self.channel_round = parse_channel_round(c.channel_round)
         if c.calib_batches < 1 or c.points_per_layer < 1:
             raise UserError(f"--calib-batches and --cp-points must be at least 1, got {c.calib_batches} and "
                             f"{c.points_per_layer}")
@@ -133,6 +152,7 @@ class ChnPrunedLearner(Learner):
             raise UserError(f"--lut-points must be at least 2 (the narrowest and the full width), got {c.lut_points}")
         self.info: GraphInfo | None = None
         self.cost: CostModel | None = None
+        self.rounding: RoundingPlan | None = None  # --channel-round auto's measured granules
         self._calib: dict[str, Calib] = {}
         self._rankings: dict[int, Ranking] = {}  # per group, from the --cp-select importance criterion
         self._input_shape: list[int] = []
@@ -158,7 +178,12 @@ class ChnPrunedLearner(Learner):
         example = data.example()
         self._input_shape = list(example.shape)
         self.info = find_channel_groups(model, example, coupled=c.coupled)
-        self.cost = CostModel(self.info, round_to=c.channel_round)
+        self.rounding = None
+        if self.channel_round == "auto":
+            self.rounding = self._rounding_plan(model, example)
+            self.cost = CostModel(self.info, round_to=self.rounding.granules)
+        else:
+            self.cost = CostModel(self.info, round_to=self.channel_round)
         self._example, self._model, self._latency = example, model, None
         if self.resource == "latency":
             self.latency_model()
@@ -264,6 +289,9 @@ class ChnPrunedLearner(Learner):
             ))
         meta: dict[str, Any] = {"resource": res, "skipped": dict(info.skipped),
                                 "policy": "preserve ratio of each layer's input channels"}
+        if self.rounding is not None:
+            self._reach(target, [lay.low for lay in layers])
+            cost = self.cost
         if res == "latency":
             lat = self.latency_model()
             cost_fn, layer_cost_fn, full = lat.predict, lat.layer_costs, lat.full
@@ -275,6 +303,26 @@ class ChnPrunedLearner(Learner):
         budget = Budget(cost_fn=cost_fn, full=full, target=target, lows=[lay.low for lay in layers],
                         highs=[lay.high for lay in layers], layer_cost_fn=layer_cost_fn, fill=fill, unit=res)
         return SearchSpace(layers, budget, meta=meta)
+
+    def _reach(self, target: float, lows: list[float]) -> None:
+        """``--channel-round auto``: coarse granules raise the narrowest model the search can make; where that
+        puts ``target`` out of reach, cap every granule (16, 8, 4, 2, then 1) until it is reachable again."""
+        assert self.rounding is not None and self.info is not None
+        plan, full_policy = self.rounding, [1.0] * len(lows)
+        lat = self.latency_model() if self.resource == "latency" else self._latency
+        for cap in (None, 16, 8, 4, 2, 1):
+            granules = [g if cap is None else min(g, cap) for g in plan.granules]
+            cost = CostModel(self.info, round_to=granules)
+            if lat is not None:
+                lat = LatencyModel(cost, lat.entries, lat.rest, measured_full=lat.measured_full, meta=lat.meta)
+            if self.resource == "latency":
+                floor = lat.predict(lows) / lat.full
+            else:
+                floor = cost.cost(lows, self.resource) / cost.cost(full_policy, self.resource)
+            if floor <= target * (1 + 1e-9):
+                break
+        self.cost, self._latency = cost, lat
+        plan.meta["capped_at"], plan.meta["used"] = cap, granules
 
     def frozen_layers(self, names: list[str]) -> set[str]:
         """The layers ``--cp-skip`` leaves alone (each pattern must match at least one prunable layer)."""
@@ -295,6 +343,28 @@ class ChnPrunedLearner(Learner):
         frozen = self.frozen_layers(names)
         return {"searched": [n for n in names if n not in frozen], "frozen": {n: "--cp-skip" for n in sorted(frozen)},
                 "not_prunable": dict(self.info.skipped) if self.info else {}}
+
+    def _rounding_plan(self, model: nn.Module, example: Tensor) -> RoundingPlan:
+        """``--channel-round auto``: each group's granule, measured here once (or read from the cache)."""
+        assert self.info is not None
+        c = self.config
+        plain = CostModel(self.info)
+        names = [g.name for g in self.info.groups]
+        key = plan_key(model, list(example.shape), plain, batch=c.round_batch, low=c.low, device=str(self.device),
+                       dtype=str(example.dtype), coupled=c.coupled)
+
+        def probe() -> RoundingPlan:
+            with progress(total=len(names), desc="channel-round auto: timing widths", quiet=self.quiet) as bar:
+                return probe_rounding(model, example, plain, low=c.low, batch=c.round_batch, device=self.device,
+                                      progress=lambda i, n: bar.update(1))
+
+        plan = load_or_probe(cache_root() / f"round-{key}.json" if names else None, names, probe)
+        if not self.quiet and names:
+            where = f"read from {plan.meta['loaded_from']}" if "loaded_from" in plan.meta else \
+                f"timed in {plan.meta.get('seconds', 0):.1f}s"
+            shown = ", ".join(f"{g}" for g in plan.granules)
+            print(f"chn-pruned: --channel-round auto ({where}): granules per layer {shown}", flush=True)
+        return plan
 
     # -- latency ----------------------------------------------------------------------------------
     def latency_model(self) -> LatencyModel:
@@ -334,7 +404,7 @@ class ChnPrunedLearner(Learner):
         c = self.config
         key = {"model": str(self._model), "input": self._input_shape[1:], "batch": c.latency_batch,
                "machine": machine_description(), "device": str(self.device), "repeats": c.lut_repeats,
-               "points": c.lut_points, "low": c.low, "round": c.channel_round, "dtype": str(self._example.dtype),
+               "points": c.lut_points, "low": c.low, "round": self.cost.round_to, "dtype": str(self._example.dtype),
                "groups": [[g.name, g.units, [len(k) for k in g.classes]] for g in self.info.groups]}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -358,13 +428,24 @@ class ChnPrunedLearner(Learner):
     def summary_fields(self, policy: Policy, summary: dict[str, Any]) -> dict[str, Any]:
         """The layers searched / frozen / not prunable; with ``--resource latency``, the lookup table's prediction
         beside the final model's measured latency."""
-        out: dict[str, Any] = {"layers": self.layer_report()}
+        out: dict[str, Any] = {"layers": self.layer_report(), "channel_round": self.rounding_summary()}
         if self.resource != "latency":
             return out
         pred = self.latency_summary(policy)  # HAQ-style lookup table vs what the final model measures
         pred["measured_ms_b1"] = summary["compressed"]["latency_ms_b1"]
         print(f"latency: predicted {json.dumps(pred)}", flush=True)
         return {**out, "latency_prediction": pred}
+
+    def measured_options(self) -> dict[str, Any]:
+        """The channel granules ``--channel-round auto`` measured and the search uses."""
+        return {"channel_round": self.cost.round_to} if self.rounding is not None and self.cost is not None else {}
+
+    def rounding_summary(self) -> dict[str, Any]:
+        """How channel counts were rounded: the setting, each layer's granule, the measurement behind auto."""
+        if self.rounding is not None:
+            return self.rounding.summary()
+        names = [g.name for g in self.info.groups] if self.info else []
+        return {"setting": str(self.channel_round), "per_layer": {n: self.channel_round for n in names}}
 
     def module_sizes(self, model: nn.Module, policy: Policy) -> tuple[dict[str, tuple[float, ...]], float]:
         """Multiply-adds and weights of every Conv2d / Linear the cost model counts, and all parameters, after

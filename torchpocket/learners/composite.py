@@ -217,6 +217,9 @@ class CompositeLearner(Learner):
                repeats: int = 20) -> dict[str, Any]:
         return self.second.deploy(model, fp32_onnx, data, run_dir, repeats=repeats)
 
+    def measured_options(self) -> dict[str, Any]:
+        return {p.cli_name: p.measured_options() for p in (self.first, self.second) if p.measured_options()}
+
     def summary_fields(self, policy: Policy, summary: dict[str, Any]) -> dict[str, Any]:
         """Both parts' fields, and the final policy's joint resources (BitOps and bytes, fractions of fp32)."""
         pa, pb = self.split(policy)

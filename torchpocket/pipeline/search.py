@@ -130,7 +130,7 @@ class ProbeCache:
                 self.entries = {}  # a damaged cache is only a slower search
 
     @classmethod
-    def for_search(cls, model: nn.Module, cfg: dict[str, Any], val_size: int) -> ProbeCache:
+    def for_search(cls, model: nn.Module, cfg: dict[str, Any], val_size: int, lrn: Any = None) -> ProbeCache:
         import hashlib
 
         h = hashlib.sha1()
@@ -144,7 +144,9 @@ class ProbeCache:
         sections = {sec: cfg[sec] for sec in sorted(cfg) if sec not in ("run", "data", "search")
                     and sec not in optimizer_sections}
         key = json.dumps({"weights": h.hexdigest(), "learner": learner, "sections": sections,
-                          "seed": cfg["run"]["seed"], "val": val_size, "dataset": cfg["run"]["dataset"],
+                          "seed": cfg["run"]["seed"], "val": val_size,
+                          "measured": lrn.measured_options() if lrn is not None else {},
+                          "dataset": cfg["run"]["dataset"],
                           "search": {k: cfg["search"][k] for k in ("ft_steps", "ft_lr", "reward")}},
                          sort_keys=True, default=str)
         digest = hashlib.sha1(key.encode()).hexdigest()[:16]
@@ -309,7 +311,7 @@ def start_search(learner: Learner, model: nn.Module, data: DataBundle, cfg: dict
     optimizer = make_optimizer(space, cfg, episodes)
     val_loader, n_val = reward_loader(data, sc["reward_val_size"])
     s = Search(learner, model, data, cfg, device, space, optimizer, val_loader, full=count(model, data),
-               probes=ProbeCache.for_search(model, cfg, n_val) if run_dir else ProbeCache(None),
+               probes=ProbeCache.for_search(model, cfg, n_val, learner) if run_dir else ProbeCache(None),
                log=TrialLog(run_dir.path, space.names) if run_dir else None,
                state_path=run_dir.path / "search_state.pt" if run_dir else None,
                study=StudyLog(run_dir.path, space, fresh=True, pareto=window is not None)
