@@ -54,10 +54,13 @@ torch.manual_seed(0)
 torch.set_num_threads(int(sys.argv[5]))
 row = {"model": name, "size": size}
 t0 = time.perf_counter()
-try:
+def build():
     model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
-    if hasattr(model, "aux_logits"):
+    if hasattr(model, "aux_logits"):  # the auxiliary heads only train; the reloaded model is built the same way
         model.aux_logits, model.AuxLogits = False, None
+    return model
+try:
+    model = build()
     x = torch.randn(32, 3, size, size)
     data = DataLoader(TensorDataset(x, torch.randint(0, 10, (32,))), batch_size=16)
     comp, result = torchpocket.compress(model, data, data, learner="chn-pruned", hpo="uniform", target=0.5,
@@ -65,8 +68,7 @@ try:
                                         out_dir=str(out))
     (run,) = out.iterdir()
     s = json.loads((run / "summary.json").read_text())
-    back = torchpocket.load(run / "model.pt", model=torchvision.models.get_model(name, weights=None,
-                                                                                 num_classes=10)).eval()
+    back = torchpocket.load(run / "model.pt", model=build()).eval()
     with torch.no_grad():
         diff = (back(x[:2]) - comp.eval()(x[:2])).abs().max().item()
     row.update(result="pruned", flops_kept=s["compressed"]["flops"] / s["baseline"]["flops"],

@@ -169,6 +169,67 @@ def machine_description() -> str:
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}"
 
 
+def _proc_kib(path: str, key: str) -> int | None:
+    try:
+        for line in open(path):
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory_headroom_bytes(env: str = "TORCHPOCKET_GRAPH_MEMORY_GIB") -> int | None:
+    """How much more memory one bounded step may take: ``$env`` GiB if set, else 3/4 of what is available now.
+
+    None where the machine does not say (no ``/proc``): the step then runs unbounded.
+    """
+    if os.environ.get(env):
+        try:
+            return max(1, int(float(os.environ[env]) * 2**30))
+        except ValueError:
+            raise UserError(f"{env} must be a number of GiB, got {os.environ[env]!r}") from None
+    avail = _proc_kib("/proc/meminfo", "MemAvailable")
+    return None if avail is None else int(avail * 1024 * 0.75)
+
+
+class MemoryCap:
+    """Cap this process's address space at its size now plus ``extra`` bytes while the block runs (Linux).
+
+    A runaway allocation then raises MemoryError in Python, which the caller turns into a one-line
+    refusal, instead of growing until the kernel's OOM killer ends the process with no message.
+    ``hit`` says whether the block ran out. Elsewhere (no ``resource`` module or ``/proc``) it does nothing.
+    """
+
+    def __init__(self, extra: int | None) -> None:
+        self.extra, self.hit, self._old = extra, False, None
+
+    def __enter__(self) -> MemoryCap:
+        try:
+            import resource
+        except ImportError:
+            return self
+        size = _proc_kib("/proc/self/status", "VmSize")
+        if self.extra is None or size is None:
+            return self
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        cap = size * 1024 + self.extra
+        if soft != resource.RLIM_INFINITY:
+            cap = min(cap, soft)
+        if hard != resource.RLIM_INFINITY:
+            cap = min(cap, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+        self._old = (soft, hard)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if self._old is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, self._old)
+        self.hit = kind is MemoryError or (kind is RuntimeError and "alloc" in str(exc).lower())
+
+
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "asimd", "sve")
 
 

@@ -89,7 +89,7 @@ def test_coarse_granules_are_capped_when_they_put_the_target_out_of_reach(monkey
     lrn.prepare(model, data())
     measured = lrn.rounding.granules
     assert max(measured) >= 16  # the 32- and 64-wide stages on a 32-step staircase
-    lrn.search_space(model, 0.5)
+    lrn.search_space(model, 0.55)  # the measured granules keep >= 0.509 of the FLOPs at the 0.2 bounds
     assert lrn.cost.round_to == measured and lrn.rounding.meta["capped_at"] is None
     floor_policy = [0.2] * len(measured)
     space = lrn.search_space(model, 0.3)  # 0.3 is below what the measured granules allow at the 0.2 bounds

@@ -230,6 +230,98 @@ def test_dense_concat_with_unpruned_slices_meets_the_budget_exactly() -> None:
             assert np.all(shares >= 0) and shares.sum() <= space.budget.cost(policy) + 1e-6
 
 
+class GroupedSENet(nn.Module):
+    """A RegNetY-like block: 1x1, grouped 3x3, squeeze-and-excitation gate, 1x1, residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.fc1, self.fc2 = nn.Conv2d(32, 8, 1), nn.Conv2d(8, 32, 1)
+        self.c = nn.Sequential(nn.Conv2d(32, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(x)
+        y = self.b(self.a(s))
+        y = y * torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        return self.head(F.adaptive_avg_pool2d(F.relu(self.c(y) + s), 1).flatten(1))
+
+
+def test_grouped_convs_lose_whole_groups_and_se_gates_follow_their_block() -> None:
+    """The grouped conv's groups are the units (ResNeXt / RegNet); the SE gate's product is not a residual tie
+    (MobileNetV3 / EfficientNet / RegNetY); the promise is the FLOPs the cut model has, and the record replays."""
+    torch.manual_seed(0)
+    model = GroupedSENet().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    x = data().val.x[:4]
+    info = find_channel_groups(model, x)
+    groups = {g.name: g for g in info.groups}
+    assert set(groups) == {"c.0", "fc2"} and "stem.0" not in groups  # the residual stream is left alone
+    blk = groups["c.0"]
+    assert blk.units == 4 and not blk.coupled and blk.consumers == ["fc1", "c.0"]
+    handlers = {m.module: m.handler for m in blk.members}
+    assert handlers["b.0"] == "prune_grouped_conv_groups" and handlers["a.0"] == "prune_conv_out_channels"
+    assert handlers["fc2"] == "prune_conv_out_channels"
+    assert [len(u) for u in blk.consumer_member("c.0").unit_idxs] == [8] * 4
+    lrn = learner(model, select="random", reconstruct=False)
+    for target in (0.8, 0.6):
+        space = lrn.search_space(model, target)
+        policy = space.budget.project([0.5, 1.0])
+        cand = lrn.compress(model, policy).eval()
+        kept = cand.b[0].groups
+        assert kept < 4 and cand.b[0].in_channels == cand.b[0].out_channels == cand.a[0].out_channels == 8 * kept
+        assert cand.fc1.in_channels == cand.fc2.out_channels == cand.c[0].in_channels == 8 * kept
+        assert flops_of(cand, x[:1]) / flops_of(model, x[:1]) == pytest.approx(space.budget.fraction(policy), rel=1e-9)
+        ops = lrn.arch_state(cand)["ops"]
+        with torch.no_grad():
+            torch.testing.assert_close(cand(x), masked(model, ops)(x), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(apply_ops(copy.deepcopy(model), ops).eval()(x), cand(x))
+    with pytest.raises(UserError, match="whole groups"):
+        apply_ops(copy.deepcopy(model), [["b.0", "prune_grouped_conv_groups", [0, 1, 2]]])
+
+
+class ChannelsLastMLPNet(nn.Module):
+    """A ConvNeXt block: depthwise 7x7, channels-last LayerNorm, Linear 4x expansion, layer scale, residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 7, padding=3, groups=8)
+        self.norm = nn.LayerNorm(8)
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+        self.gamma = nn.Parameter(torch.full((8,), 0.5))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(x)
+        y = self.fc2(F.gelu(self.fc1(self.norm(self.dw(s).permute(0, 2, 3, 1)))))
+        y = s + (self.gamma * y).permute(0, 3, 1, 2)
+        return self.head(y.mean(dim=(2, 3)))
+
+
+def test_linear_on_feature_maps_prunes_its_hidden_width() -> None:
+    """A Linear on a channels-last map traces as bias + matmul, a two-input op that is no residual tie: the
+    expansion's hidden width is prunable (ConvNeXt, ViT MLPs), and the promise is the FLOPs the model has."""
+    torch.manual_seed(0)
+    model = ChannelsLastMLPNet().eval()
+    x = data().val.x[:4]
+    info = find_channel_groups(model, x)
+    assert [g.name for g in info.groups] == ["fc2"] and not info.groups[0].coupled and info.groups[0].units == 32
+    lrn = learner(model, select="random", reconstruct=False)
+    space = lrn.search_space(model, 0.7)
+    policy = space.budget.uniform()
+    cand = lrn.compress(model, policy).eval()
+    assert cand.fc1.out_features == cand.fc2.in_features < 32
+    assert flops_of(cand, x[:1]) / flops_of(model, x[:1]) == pytest.approx(space.budget.fraction(policy), rel=1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(cand(x), masked(model, lrn.arch_state(cand)["ops"])(x), atol=1e-5, rtol=1e-4)
+
+
 def masked(model: nn.Module, ops: list) -> nn.Module:
     """The original model with the recorded channels zeroed instead of removed."""
     m = copy.deepcopy(model)
@@ -462,3 +554,19 @@ def test_cp_skip_freezes_layers_and_the_summary_says_which(capsys: pytest.Captur
         rc = main([*tiny, "--hpo", "uniform", *bad, "--out-dir", str(tmp_path / "bad")])
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert rc == 2 and len(err) == 1 and expect in err[0], err
+
+
+def test_tracing_a_model_too_big_for_the_memory_bound_is_refused_in_one_line(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The graph analysis copies and traces the model under an address-space cap: a model that needs more than
+    the bound is refused with the fix named, not grown until the OOM killer ends the process."""
+    big = nn.Sequential(nn.Linear(4096, 8192), nn.ReLU(), nn.Linear(8192, 10))  # 134 MB of weights to copy
+    x = torch.randn(1, 4096)
+    monkeypatch.setenv("TORCHPOCKET_GRAPH_MEMORY_GIB", "0.05")
+    with pytest.raises(UserError, match="needed more than 0.05 GiB.*TORCHPOCKET_GRAPH_MEMORY_GIB"):
+        find_channel_groups(big, x)
+    monkeypatch.setenv("TORCHPOCKET_GRAPH_MEMORY_GIB", "4")
+    assert [g.name for g in find_channel_groups(big, x).groups] == ["2"]  # the cap is lifted again afterwards
+    monkeypatch.setenv("TORCHPOCKET_GRAPH_MEMORY_GIB", "lots")
+    with pytest.raises(UserError, match="number of GiB"):
+        find_channel_groups(big, x)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from torchpocket.learners.channel_graph import GraphInfo
+from torchpocket.learners.channel_graph import GCONV_HANDLER, GraphInfo
 
 
 def keep_counts(ratios: np.ndarray, sizes: np.ndarray, round_to: int | np.ndarray = 1) -> np.ndarray:
@@ -67,7 +67,7 @@ class CostModel:
                 rows.append(row)
                 item_group.append(gi)
         self.cnt = np.asarray(rows).reshape(len(rows), len(cls_group))
-        mods = [lay for lay in info.layers.values() if lay.type != "gconv"]
+        mods = list(info.layers.values())
         n_items = len(rows)
         self.m_in, self.m_out = np.zeros((len(mods), n_items)), np.zeros((len(mods), n_items))
         in0, out0, fa, pa, pb = [], [], [], [], []
@@ -87,6 +87,9 @@ class CostModel:
             elif t == "dwconv":
                 ii, oi = [], item_index.get((lay.name, "prune_depthwise_conv_out_channels"), [])
                 a_f, a_p, i0 = 2.0 * lay.positions * lay.kk, float(lay.kk), 1
+            elif t == "gconv":  # whole groups go: each output channel keeps its in0 / groups inputs
+                ii, oi = [], item_index.get((lay.name, GCONV_HANDLER), [])
+                a_f, a_p, i0 = 2.0 * lay.positions * lay.kk, float(lay.kk), lay.in0 // lay.groups
             else:  # bn
                 ii, oi = [], item_index.get((lay.name, "prune_batchnorm_out_channels"), [])
                 a_f, a_p, i0 = 0.0, 2.0 if lay.bias else 0.0, 1
@@ -97,7 +100,7 @@ class CostModel:
             fa.append(a_f)
             pa.append(a_p)
             pb.append(1.0 if (lay.bias and t != "bn") else 0.0)
-            owner_items.append(list(ii) if ii else (list(oi) if t in ("dwconv", "bn") else []))
+            owner_items.append(list(ii) if ii else (list(oi) if t in ("dwconv", "gconv", "bn") else []))
         self.in0, self.out0 = np.asarray(in0, float), np.asarray(out0, float)
         self.fa, self.pa, self.pb = np.asarray(fa), np.asarray(pa), np.asarray(pb)
         # each module's cost is shared by the groups that own it (a cat consumer: in proportion to each group's
@@ -142,7 +145,8 @@ class CostModel:
     def widths(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Input and output width of every module of :attr:`names` for per-class keep counts.
 
-        Linear layers count input *features*; depthwise convs and norms have an input width of 1 here.
+        Linear layers count input *features*; depthwise convs and norms have an input width of 1 here, grouped
+        convs their inputs per group.
         """
         kept = self.cnt @ counts.astype(float) if self.cnt.size else np.zeros(self.m_in.shape[1])
         cut = kept - self.full_kept  # <= 0: what each member lost

@@ -43,18 +43,45 @@ HANDLER_NAMES = (
     "prune_batchnorm_out_channels",
     "prune_linear_out_channels",
     "prune_linear_in_channels",
+    "prune_grouped_conv_groups",
 )
+#: ours, not Torch-Pruning's: removes whole groups of a grouped conv (its output channels of those groups)
+GCONV_HANDLER = "prune_grouped_conv_groups"
+
+
+def prune_grouped_conv_groups(layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    """Remove whole groups of a grouped Conv2d: ``idxs`` are the output channels of the groups removed.
+
+    Each group keeps its own width, so the layer stays a valid grouped conv with fewer groups; the
+    input channels of the removed groups go with them (the producers lose those channels too).
+    """
+    assert isinstance(layer, nn.Conv2d)
+    g, cout_g, cin_g = layer.groups, layer.out_channels // layer.groups, layer.in_channels // layer.groups
+    gone = sorted({int(i) // cout_g for i in idxs})
+    if sorted(int(i) for i in idxs) != [j * cout_g + t for j in gone for t in range(cout_g)] or len(gone) >= g:
+        raise UserError(f"the recorded pruning of a grouped conv ({len(idxs)} channels of {layer.out_channels}, "
+                        f"{g} groups of {cout_g}) does not remove whole groups")
+    keep = torch.tensor([o for o in range(layer.out_channels) if o // cout_g not in gone], dtype=torch.long)
+    layer.weight = nn.Parameter(layer.weight.detach().index_select(0, keep.to(layer.weight.device)))
+    if layer.bias is not None:
+        layer.bias = nn.Parameter(layer.bias.detach().index_select(0, keep.to(layer.bias.device)))
+    layer.groups = g - len(gone)
+    layer.out_channels = layer.groups * cout_g
+    layer.in_channels = layer.groups * cin_g
+    return layer
 
 
 @functools.lru_cache(maxsize=1)
 def handlers() -> dict[str, Callable[[nn.Module, Sequence[int]], nn.Module]]:
-    """Torch-Pruning's pruning functions by name (imported on first use: ``--help`` need not load it)."""
+    """Torch-Pruning's pruning functions by name, and ours (imported on first use: ``--help`` need not load it)."""
     from torch_pruning.pruner import function as tpf
 
-    return {n: getattr(tpf, n) for n in HANDLER_NAMES}
+    out = {n: getattr(tpf, n) for n in HANDLER_NAMES if n != GCONV_HANDLER}
+    out[GCONV_HANDLER] = prune_grouped_conv_groups
+    return out
 
 _IN_HANDLERS = ("prune_conv_in_channels", "prune_linear_in_channels")
-_PRODUCER_HANDLERS = ("prune_conv_out_channels", "prune_linear_out_channels")
+_PRODUCER_HANDLERS = ("prune_conv_out_channels", "prune_linear_out_channels", GCONV_HANDLER)
 
 def _pass_through() -> set[Any]:
     """Dependency-graph node types that carry channels through unchanged."""
@@ -69,7 +96,7 @@ Op = tuple[str, str, list[int]]  # (module name, handler name, removed indices)
 def handler_name(fn: Callable) -> str | None:
     """The public Torch-Pruning name of a dependency's pruning function (None: not one we replay)."""
     for name, h in handlers().items():
-        if fn == h:
+        if fn == h and name != GCONV_HANDLER:
             return name
     return None
 
@@ -205,9 +232,20 @@ def _union_find(n: int) -> tuple[list[int], Callable[[int], int], Callable[[int,
     return parent, find, union
 
 
+def _is_gate(node: Any) -> bool:
+    """A two-input op that ties channels inside one block, unlike a residual add: an element-wise product
+    (squeeze-and-excitation, gating, layer scale), or a Linear's own bias + matmul on a >2-D input."""
+    fn = str(getattr(node.module, "_grad_fn", ""))
+    return fn.startswith(("MulBackward", "AddmmBackward"))
+
+
 def _analyse_group(graph: Any, module: nn.Module, names: dict[nn.Module, str],
                    layers: dict[str, LayerGeom]) -> ChannelGroup | str:
-    """The group rooted at ``module``'s input channels, or the reason it cannot be pruned."""
+    """The group rooted at ``module``'s input channels, or the reason it cannot be pruned.
+
+    A grouped conv among the producers extends the group through it: its units become the
+    conv's groups, removed whole, with the channels that feed each group (ResNeXt, RegNet).
+    """
     import torch_pruning as tp
 
     root = names[module]
@@ -215,37 +253,72 @@ def _analyse_group(graph: Any, module: nn.Module, names: dict[nn.Module, str],
     n_in = layers[root].in0
     group = graph.get_pruning_group(module, in_fn, list(range(n_in)))
     _, find, union = _union_find(n_in)
-    coupled = depthwise = False
+    flags = {"coupled": False, "depthwise": False}
     items: list[tuple[str, str, list[int], list[int]]] = []
-    for item in group.items:
-        node = item.dep.target
-        idxs, roots = list(item.idxs), list(item.root_idxs)
-        first: dict[int, int] = {}
-        for i, r in zip(idxs, roots):
-            if i in first:
-                union(first[i], r)
-            else:
-                first[i] = r
-        if node.type == tp.ops.OPTYPE.OUTPUT:
-            return "its channels reach the model's output"
-        if node.type in _pass_through():
-            if node.type == tp.ops.OPTYPE.ELEMENTWISE and len(node.inputs) >= 2:
-                coupled = True
-            continue
-        mod = node.module
-        name = names.get(mod) if isinstance(mod, nn.Module) else None
-        hname = handler_name(item.dep.handler)
-        if name is None or hname is None or name not in layers:
-            what = type(mod).__name__ if isinstance(mod, nn.Module) else "an unwrapped parameter"
-            return f"the channels are coupled to {what} ({name or '?'}), which this pruner does not handle"
+    gconvs: list[tuple[str, list[int], list[int]]] = []
+
+    def visit(found: Any, root_of: Callable[[int], int], inside: str | None) -> str | None:
+        for item in found.items:
+            node = item.dep.target
+            idxs, roots = list(item.idxs), [root_of(int(r)) for r in item.root_idxs]
+            first: dict[int, int] = {}
+            for i, r in zip(idxs, roots):
+                if i in first:
+                    union(first[i], r)
+                else:
+                    first[i] = r
+            if node.type == tp.ops.OPTYPE.OUTPUT:
+                return "its channels reach the model's output"
+            if node.type in _pass_through():
+                if node.type == tp.ops.OPTYPE.ELEMENTWISE and len(node.inputs) >= 2 and not _is_gate(node):
+                    flags["coupled"] = True
+                continue
+            mod = node.module
+            name = names.get(mod) if isinstance(mod, nn.Module) else None
+            hname = handler_name(item.dep.handler)
+            if name is None or hname is None or name not in layers:
+                what = type(mod).__name__ if isinstance(mod, nn.Module) else "an unwrapped parameter"
+                return f"the channels are coupled to {what} ({name or '?'}), which this pruner does not handle"
+            lay = layers[name]
+            if lay.type == "gconv":
+                if name == inside and hname == "prune_conv_in_channels":
+                    continue  # the grouped conv's own input: its groups go whole
+                if inside is not None or hname != "prune_conv_out_channels":
+                    return f"the channels are coupled to the grouped conv {name} in a way only whole-group pruning " \
+                           f"of its outputs handles"
+                gconvs.append((name, idxs, roots))
+                continue
+            if lay.type == "dwconv":
+                flags["depthwise"] = True
+            if hname in _PRODUCER_HANDLERS and not node.outputs:
+                return f"the channels are the model's output ({name})"
+            items.append((name, hname, idxs, roots))
+        return None
+
+    why = visit(group, lambda r: r, None)
+    if why:
+        return why
+    mods = {n: m for m, n in names.items()}
+    gconv_groups: dict[str, dict[int, int]] = {}
+    for name, idxs, roots in gconvs:
         lay = layers[name]
-        if lay.type == "gconv":
-            return f"the channels are coupled to the grouped conv {name}"
-        if lay.type == "dwconv":
-            depthwise = True
-        if hname in _PRODUCER_HANDLERS and not node.outputs:
-            return f"the channels are the model's output ({name})"
-        items.append((name, hname, idxs, roots))
+        cout_g, cin_g = lay.out0 // lay.groups, lay.in0 // lay.groups
+        rep: dict[int, int] = {}
+        for i, r in zip(idxs, roots):
+            if i // cout_g in rep:
+                union(rep[i // cout_g], r)
+            else:
+                rep[i // cout_g] = r
+        if len(rep) != lay.groups or len(idxs) != lay.out0:
+            return f"only some output channels of the grouped conv {name} are coupled to these channels"
+        gconv_groups[name] = rep
+        items.append((name, GCONV_HANDLER, idxs, roots))
+        side = graph.get_pruning_group(mods[name], tp.prune_conv_in_channels, list(range(lay.in0)))
+        why = visit(side, lambda r, rep=rep, cin_g=cin_g: rep[r // cin_g], name)
+        if why:
+            return why
+    if len({(n, h) for n, h, _, _ in items}) != len(items):
+        return "a layer is coupled to these channels twice (through a grouped conv's input and output)"
     # units: consumer input indices tied by sharing an index somewhere in the group
     comp: dict[int, int] = {}
     unit_of_root = [comp.setdefault(find(r), len(comp)) for r in range(n_in)]
@@ -268,34 +341,45 @@ def _analyse_group(graph: Any, module: nn.Module, names: dict[nn.Module, str],
     for u in range(units):
         sig.setdefault(tuple(len(m.unit_idxs[u]) for m in members), []).append(u)
     consumers = [m.module for m in members if m.handler in _IN_HANDLERS]
-    kind = "linear" if layers[root].type == "linear" else ("dwconv" if depthwise else "conv")
-    g = ChannelGroup(root, consumers, members, units, list(sig.values()), coupled, depthwise, kind)
+    # the group is named after its first consumer, one that sees feature maps if any does (not an SE squeeze)
+    spatial = [c for c in consumers if layers[c].positions > 1]
+    name0 = (spatial or consumers)[0]
+    kind = "linear" if layers[name0].type == "linear" else ("dwconv" if flags["depthwise"] else "conv")
+    g = ChannelGroup(name0, consumers, members, units, list(sig.values()), flags["coupled"], flags["depthwise"], kind)
     # cross-check the unit mapping against the graph on a partial selection
     test_units = [u for u in range(units) if u % 3 == 0][: units - 1]
     chosen = set(test_units)
     roots_sel = [r for r in range(n_in) if unit_of_root[r] in chosen]
-    check = graph.get_pruning_group(module, in_fn, roots_sel)
     got: dict[tuple[str, str], set[int]] = {}
-    for item in check.items:
-        mod = item.dep.target.module
-        hname = handler_name(item.dep.handler)
-        if isinstance(mod, nn.Module) and mod in names and hname is not None:
-            got.setdefault((names[mod], hname), set()).update(int(i) for i in item.idxs)
+
+    def collect(found: Any, inside: str | None) -> None:
+        for item in found.items:
+            mod = item.dep.target.module
+            hname = handler_name(item.dep.handler)
+            if isinstance(mod, nn.Module) and mod in names and hname is not None:
+                name = names[mod]
+                if name in gconv_groups:
+                    if name == inside:
+                        continue
+                    hname = GCONV_HANDLER
+                got.setdefault((name, hname), set()).update(int(i) for i in item.idxs)
+
+    collect(graph.get_pruning_group(module, in_fn, roots_sel), None)
+    for name in gconv_groups:
+        lay = layers[name]
+        cout_g, cin_g = lay.out0 // lay.groups, lay.in0 // lay.groups
+        sel = sorted({i // cout_g for i in got.get((name, GCONV_HANDLER), set())})
+        if sel:
+            collect(graph.get_pruning_group(mods[name], tp.prune_conv_in_channels,
+                                            [j * cin_g + t for j in sel for t in range(cin_g)]), name)
     want = {(op[0], op[1]): set(op[2]) for op in g.ops(test_units)}
     if got != want:
         return "the dependency graph's index mapping is not a partition of channels (unsupported layout)"
     return g
 
 
-def find_channel_groups(model: nn.Module, example: Tensor, *, coupled: str = "skip") -> GraphInfo:
-    """Every prunable channel group of ``model`` (traced on a copy, in eval mode; ``model`` is untouched).
-
-    ``coupled='skip'`` leaves channels tied by an element-wise op (residual additions)
-    alone; ``'prune'`` keeps those groups (their channels are then pruned together).
-    The first conv's input (the image) and the final classifier's outputs never appear.
-    """
-    if coupled not in ("skip", "prune"):
-        raise UserError(f"coupled must be 'skip' or 'prune', got {coupled!r}")
+def _find_groups(model: nn.Module, example: Tensor, coupled: str
+                 ) -> tuple[list[ChannelGroup], dict[str, str], dict[str, LayerGeom], float, Tensor]:
     net = copy.deepcopy(model).cpu().eval()
     example = example[:1].detach().cpu()
     layers, total_flops = _layer_geometry(net, example)
@@ -305,7 +389,14 @@ def find_channel_groups(model: nn.Module, example: Tensor, *, coupled: str = "sk
     try:
         with torch.enable_grad():
             graph = tp.DependencyGraph().build_dependency(net, example_inputs=example, verbose=False)
+    except (MemoryError, RecursionError):
+        raise
     except Exception as e:  # noqa: BLE001 - any tracing failure means: no channel pruning for this model
+        import traceback
+
+        if any(f.name == "update_reshape_index_mapping" for f in traceback.extract_tb(e.__traceback__)):
+            raise UserError("Torch-Pruning cannot map channels through a reshape of the channel dimension (a "
+                            "channel shuffle, as in ShuffleNet); chn-pruned does not support this model") from None
         raise UserError(f"Torch-Pruning cannot trace the channel dependencies of this model "
                         f"({type(e).__name__}: {str(e)[:160]}); channel pruning does not support it") from None
     groups: list[ChannelGroup] = []
@@ -336,6 +427,36 @@ def find_channel_groups(model: nn.Module, example: Tensor, *, coupled: str = "sk
         for mm in res.members:
             owner[(mm.module, mm.handler)] = res.name
         groups.append(res)
+    return groups, skipped, layers, total_flops, example
+
+
+def find_channel_groups(model: nn.Module, example: Tensor, *, coupled: str = "skip") -> GraphInfo:
+    """Every prunable channel group of ``model`` (traced on a copy, in eval mode; ``model`` is untouched).
+
+    ``coupled='skip'`` leaves channels tied by an element-wise op (residual additions)
+    alone; ``'prune'`` keeps those groups (their channels are then pruned together).
+    The first conv's input (the image) and the final classifier's outputs never appear.
+    """
+    if coupled not in ("skip", "prune"):
+        raise UserError(f"coupled must be 'skip' or 'prune', got {coupled!r}")
+    from torchpocket.utils import MemoryCap, memory_headroom_bytes
+
+    extra = memory_headroom_bytes()
+    cap = MemoryCap(extra)
+    try:
+        with cap:
+            groups, skipped, layers, total_flops, example = _find_groups(model, example, coupled)
+    except (MemoryError, RuntimeError):
+        if not cap.hit:
+            raise
+        gib = f"{extra / 2**30:.2f} GiB" if extra else "the memory available"
+        raise UserError(f"tracing the channel dependencies of {type(model).__name__} needed more than {gib} "
+                        f"(Torch-Pruning's dependency graph); chn-pruned refuses it. Set "
+                        f"TORCHPOCKET_GRAPH_MEMORY_GIB to allow more, or use a learner that needs no graph "
+                        f"(weight-sparse, uniform-quant)") from None
+    except RecursionError:
+        raise UserError(f"tracing the channel dependencies of {type(model).__name__} recursed too deep "
+                        f"(Torch-Pruning's dependency graph); chn-pruned does not support this model") from None
     total_params = sum(p.numel() for p in model.parameters())
     return GraphInfo(groups, skipped, layers, list(example.shape), total_flops, total_params)
 
@@ -368,7 +489,7 @@ def apply_ops(model: nn.Module, ops: Sequence[Sequence[Any]]) -> nn.Module:
 def _dim_size(module: nn.Module, hname: str) -> int | None:
     if hname.startswith("prune_conv") and isinstance(module, nn.Conv2d):
         return module.out_channels if "out" in hname else module.in_channels
-    if hname.startswith("prune_depthwise") and isinstance(module, nn.Conv2d):
+    if hname in ("prune_depthwise_conv_out_channels", GCONV_HANDLER) and isinstance(module, nn.Conv2d):
         return module.out_channels
     if hname.startswith("prune_linear") and isinstance(module, nn.Linear):
         return module.out_features if "out" in hname else module.in_features

@@ -455,7 +455,8 @@ class ChnPrunedLearner(Learner):
         cin, cout = cost.widths(counts)
         flops, _ = cost._per_module(counts)
         sizes = {name: (float(flops[i]) / 2, float(cost.pa[i] * cin[i] * cout[i]))
-                 for i, (name, kind) in enumerate(zip(cost.names, cost.types)) if kind in ("conv", "dwconv", "linear")}
+                 for i, (name, kind) in enumerate(zip(cost.names, cost.types))
+                 if kind in ("conv", "dwconv", "gconv", "linear")}
         return sizes, cost.cost(policy, "params")
 
     def compress(self, model: nn.Module, policy: Policy) -> nn.Module:
