@@ -34,6 +34,7 @@ def data(size: int = 16, n: int = 64) -> object:
 def learner(model: nn.Module, bundle: object = None, **options: object) -> ChnPrunedLearner:
     resource = str(options.pop("resource", "auto"))
     options.setdefault("channel_round", 1)  # every width reachable: these tests are about other things
+    options.setdefault("latency_runtime", "eager")  # no ONNX export per timed width (one test times ONNX Runtime)
     lrn = ChnPrunedLearner(config=ChnConfig(**options), train_cfg=TrainConfig(batch_size=64), resource=resource)
     lrn.prepare(model, bundle or data())
     return lrn
@@ -415,7 +416,8 @@ def test_registered_with_config_section_and_flags() -> None:
     flags = {f.name: f.metadata["flag"] for f in dataclasses.fields(ChnConfig)}
     assert flags == {"select": "--cp-select", "reconstruct": "--cp-reconstruct", "channel_round": "--channel-round",
                      "calib_batches": "--calib-batches", "points_per_layer": "--cp-points", "coupled": "--cp-coupled",
-                     "latency_batch": "--latency-batch", "lut_repeats": "--lut-repeats",
+                     "latency_batch": "--latency-batch", "latency_runtime": "--latency-runtime",
+                     "lut_repeats": "--lut-repeats",
                      "lut_points": "--lut-points", "lut_cache": "--lut-cache", "low": "--cp-low", "high": "--cp-high",
                      "skip": "--cp-skip", "round_batch": "--channel-round-batch"}
     assert ChnPrunedLearner.resources == ("flops", "params", "latency")  # --resource (the run's), flops first
@@ -503,6 +505,25 @@ def test_latency_rounded_widths_and_other_resources() -> None:
     assert e1.cin.tolist() == [3] and e1.cout.tolist() == [8, 16, 24]
     assert lrn.predicted_latency([0.2]) <= lrn.predicted_latency([1.0]) == lrn.latency_model().full
     assert lrn.search_space(model, 0.5).budget.unit == "flops"
+
+
+def test_latency_table_timed_in_onnx_runtime(tmp_path: Path) -> None:
+    """--latency-runtime onnxruntime: every layer width and the whole model timed as exported ONNX in ONNX Runtime;
+    the table says so, stays monotone, and is cached apart from the eager one."""
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1)).eval()
+    lrn = learner(model, data(32), resource="latency", latency_runtime="onnxruntime", lut_cache=str(tmp_path),
+                  **FAST_LUT)
+    lat = lrn.latency_model()
+    assert lat.meta["runtime"] == "onnxruntime" and lat.measured_full > 0 and len(lat.entries) == 2
+    assert lat.entries[1].table[-1, -1] > lat.entries[1].table[0, 0]  # a narrower input is faster
+    for e in lat.entries:
+        assert (np.diff(e.table, axis=0) >= 0).all() and (np.diff(e.table, axis=1) >= 0).all() and e.table.min() > 0
+    space = lrn.search_space(model, 0.6)
+    policy = space.budget.project(space.budget.uniform())
+    assert lat.predict(policy) <= 0.6 * lat.full * (1 + 1e-9)
+    assert lrn.latency_summary(policy)["runtime"] == "onnxruntime"
+    eager = learner(model, data(32), resource="latency", lut_cache=str(tmp_path), **FAST_LUT)
+    assert eager.latency_model().meta["runtime"] == "eager" and len(list(tmp_path.glob("lut-*.json"))) == 2
 
 
 def test_latency_table_cached_on_disk(tmp_path: Path) -> None:

@@ -62,7 +62,9 @@ class LatencyModel:
     are made non-decreasing along both axes (isotonic regression), so the bilinear interpolation
     is non-decreasing in every preserve ratio and the Budget's bisection stays valid. The rest
     of the forward pass (pooling, additions, functional ops, Python overhead) is a constant:
-    the whole model's measured time minus the timed layers' sum at full width (at least 0).
+    the whole model's measured time minus the timed layers' sum at full width. Where the layers
+    alone sum to more than the whole model (ONNX Runtime fuses and overlaps), every table is scaled
+    down by the same factor instead (``meta["layer_scale"]``) and the rest is 0.
     """
 
     def __init__(self, cost: CostModel, entries: list[LatencyEntry], rest: float, *, measured_full: float,
@@ -170,6 +172,38 @@ def _fresh_layer(src: nn.Module, kind: str, cin: int, cout: int, extras: list[nn
     return nn.Sequential(*parts).to(device=p.device, dtype=p.dtype).eval()
 
 
+RUNTIMES = ("onnxruntime", "eager")
+
+
+def time_cases_onnxruntime(cases: Sequence[tuple[nn.Module, Tensor]], *, warmup: int, repeats: int,
+                           threads: int | None = None) -> list[float]:
+    """Median seconds per call of each (module, input) in ONNX Runtime: each case exported as ``model.onnx`` is
+    (the TorchScript exporter, opset 17, fp32, CPU) and run in a session of ``threads`` intra-op threads,
+    timed round-robin like :func:`time_cases`."""
+    import io
+
+    import onnxruntime as ort
+
+    from torchpocket.export import INPUT_NAME, _quiet_legacy_exporter
+
+    runs = {}
+    # a session call costs the same small overhead at any width: timed on an identity graph and taken off each
+    # case, so the table holds what the layer costs (the whole model's one overhead stays in the rest)
+    cases = [(nn.Identity(), torch.zeros(1)), *cases]
+    for i, (m, x) in enumerate(cases):
+        buf = io.BytesIO()
+        mod, xc = m.cpu().float().eval(), x.detach().cpu().float()
+        with torch.no_grad(), _quiet_legacy_exporter():
+            torch.onnx.export(mod, (xc,), buf, dynamo=False, opset_version=17, input_names=[INPUT_NAME])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(buf.getvalue(), sess_options=opts, providers=["CPUExecutionProvider"])
+        runs[i] = functools.partial(sess.run, None, {INPUT_NAME: xc.numpy()})
+    times = time_round_robin(runs, warmup=warmup, repeats=repeats)
+    return [max(times[i] - times[0], 1e-9) for i in range(1, len(cases))]
+
+
 def time_cases(cases: Sequence[tuple[nn.Module, Tensor]], *, warmup: int, repeats: int) -> list[float]:
     """Median seconds per call of each (module, input), timed round-robin (``utils.time_round_robin``)."""
     sync = (lambda: torch.cuda.synchronize()) if any(x.device.type == "cuda" for _, x in cases) else None
@@ -220,12 +254,21 @@ def width_grid(low: float, full: float, points: int, reachable: np.ndarray | Non
 
 def build_latency_model(model: nn.Module, example: Tensor, cost: CostModel, *, low_policy: Sequence[float],
                         batch: int = 1, repeats: int = 10, warmup: int = 3, points: int = 6,
-                        device: torch.device | str = "cpu") -> LatencyModel:
+                        device: torch.device | str = "cpu", runtime: str = "eager") -> LatencyModel:
     """Time every Conv2d / Linear of ``model`` (a copy, on ``device``) at its candidate widths: the lookup table.
 
     Widths range from those of ``low_policy`` (the narrowest the search allows) to full, at
-    most ``points`` per dimension; ``batch`` samples of ``example``'s shape per call.
+    most ``points`` per dimension; ``batch`` samples of ``example``'s shape per call. ``runtime``:
+    eager PyTorch, or ONNX Runtime on the CPU (each layer and the whole model exported as
+    ``model.onnx`` is), the runtime a shipped ``model.onnx`` runs in.
     """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if runtime == "onnxruntime":
+        device = "cpu"
+        timer = functools.partial(time_cases_onnxruntime, warmup=warmup, repeats=repeats)
+    else:
+        timer = functools.partial(time_cases, warmup=warmup, repeats=repeats)
     start = time.perf_counter()
     net = copy.deepcopy(model).to(device).eval()
     p = next(net.parameters(), None)
@@ -266,15 +309,22 @@ def build_latency_model(model: nn.Module, example: Tensor, cost: CostModel, *, l
                 else:
                     shape = (batch, int(co) if kind == "dwconv" else int(ci), *in_shape[1:])
                 cases.append((layer, torch.randn(shape, generator=gen).to(device=device, dtype=dtype)))
-            table[i] = time_cases(cases, warmup=warmup, repeats=repeats)
+            table[i] = timer(cases)
             timings += len(cases)
         table = monotone_table(table)
         entries.append(LatencyEntry(name, k, calls, cin.astype(float), cout.astype(float), table,
                                     [n for n, m in net.named_modules() if any(m is e for e in extras)]))
     xb = torch.randn((batch, *example.shape[1:]), generator=gen).to(device=device, dtype=dtype)
-    (measured,) = time_cases([(net, xb)], warmup=warmup, repeats=repeats)
+    (measured,) = timer([(net, xb)])
     timed = sum(e.calls * float(e.table[-1, -1]) for e in entries)
-    meta = {"batch": batch, "threads": torch.get_num_threads(), "device": str(torch.device(device)),
+    scale = 1.0
+    if timed > measured > 0:  # layers alone cost more than inside the model (ONNX Runtime fuses, overlaps copies):
+        scale = measured / timed  # scale them down so the table's full width is what the whole model measures
+        for e in entries:
+            e.table = e.table * scale
+        timed = measured
+    meta = {"layer_scale": scale, "batch": batch, "threads": torch.get_num_threads(),
+            "device": str(torch.device(device)), "runtime": runtime,
             "repeats": repeats, "points": points, "layers": len(entries), "timings": timings,
             "build_seconds": time.perf_counter() - start}
     return LatencyModel(cost, entries, max(0.0, measured - timed), measured_full=measured, meta=meta)

@@ -51,7 +51,7 @@ from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
 from torchpocket.learners import register_learner
 from torchpocket.learners._channel_cost import CostModel
-from torchpocket.learners._channel_latency import LatencyModel, build_latency_model
+from torchpocket.learners._channel_latency import RUNTIMES, LatencyModel, build_latency_model
 from torchpocket.learners._channel_round import RoundingPlan, cache_root, load_or_probe, plan_key, probe_rounding
 from torchpocket.learners._importance import IMPORTANCE, Calib, Ranking
 from torchpocket.learners.base import Learner
@@ -87,6 +87,9 @@ class ChnConfig:
                        "(ranked by group L1 norm)", flag="--cp-coupled", choices=("skip", "prune"))
     latency_batch: int = opt(1, "batch size of the latency lookup table's timings (--resource latency)",
                              flag="--latency-batch")
+    latency_runtime: str = opt("onnxruntime", "runtime the latency lookup table is timed in: ONNX Runtime (CPU, the "
+                               "runtime of model.onnx) or eager PyTorch", flag="--latency-runtime",
+                               choices=RUNTIMES)
     lut_repeats: int = opt(10, "timed runs per layer and width in the latency lookup table (median, after 3 "
                            "warm-up runs)", flag="--lut-repeats")
     lut_points: int = opt(6, "widths per dimension (input, output) timed per layer in the latency lookup table, "
@@ -386,15 +389,17 @@ class ChnPrunedLearner(Learner):
                     return self._latency
             self._latency = build_latency_model(
                 self._model, self._example, self.cost, low_policy=[c.low] * self.cost.n_groups,
-                batch=c.latency_batch, repeats=c.lut_repeats, points=c.lut_points, device=self.device)
+                batch=c.latency_batch, repeats=c.lut_repeats, points=c.lut_points, device=self.device,
+                runtime=c.latency_runtime)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(path, json.dumps(self._latency.to_dict()))
             m = self._latency.meta
             if not self.quiet:
-                print(f"chn-pruned: latency lookup table of {m['layers']} layers ({m['timings']} timings, batch "
-                      f"{m['batch']}, {m['threads']} threads) built in {m['build_seconds']:.1f}s; predicted "
-                      f"{1e3 * self._latency.full:.3f} ms, measured {1e3 * self._latency.measured_full:.3f} ms",
+                print(f"chn-pruned: {m['runtime']} latency lookup table of {m['layers']} layers ({m['timings']} "
+                      f"timings, batch {m['batch']}, {m['threads']} threads) built in {m['build_seconds']:.1f}s; "
+                      f"predicted {1e3 * self._latency.full:.3f} ms, measured "
+                      f"{1e3 * self._latency.measured_full:.3f} ms",
                       flush=True)
         return self._latency
 
@@ -404,6 +409,7 @@ class ChnPrunedLearner(Learner):
         c = self.config
         key = {"model": str(self._model), "input": self._input_shape[1:], "batch": c.latency_batch,
                "machine": machine_description(), "device": str(self.device), "repeats": c.lut_repeats,
+               "runtime": c.latency_runtime,
                "points": c.lut_points, "low": c.low, "round": self.cost.round_to, "dtype": str(self._example.dtype),
                "groups": [[g.name, g.units, [len(k) for k in g.classes]] for g in self.info.groups]}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
@@ -420,7 +426,8 @@ class ChnPrunedLearner(Learner):
         return {"predicted_ms": 1e3 * pred, "predicted_full_ms": 1e3 * lat.full,
                 "predicted_ratio": pred / lat.full if lat.full > 0 else float("nan"),
                 "measured_full_ms_at_build": 1e3 * lat.measured_full, "batch": lat.meta["batch"],
-                "threads": lat.meta["threads"], "device": lat.meta["device"], "lut_layers": lat.meta["layers"],
+                "threads": lat.meta["threads"], "device": lat.meta["device"],
+                "runtime": lat.meta.get("runtime", "eager"), "lut_layers": lat.meta["layers"],
                 "lut_timings": lat.meta["timings"], "lut_build_seconds": lat.meta["build_seconds"],
                 "lut_loaded_from": lat.meta.get("loaded_from")}
 
@@ -432,7 +439,12 @@ class ChnPrunedLearner(Learner):
         if self.resource != "latency":
             return out
         pred = self.latency_summary(policy)  # HAQ-style lookup table vs what the final model measures
-        pred["measured_ms_b1"] = summary["compressed"]["latency_ms_b1"]
+        if pred["runtime"] == "onnxruntime":  # the shipped model.onnx, timed in ONNX Runtime (None: not exported)
+            pred["measured_ms_b1"] = summary.get("onnx", {}).get("latency_ms_b1")
+        else:
+            pred["measured_ms_b1"] = summary["compressed"]["latency_ms_b1"]
+        if pred["measured_ms_b1"] and pred["batch"] == 1:
+            pred["prediction_error"] = pred["predicted_ms"] / pred["measured_ms_b1"] - 1
         print(f"latency: predicted {json.dumps(pred)}", flush=True)
         return {**out, "latency_prediction": pred}
 

@@ -100,11 +100,11 @@ def summarize(learner: Learner, base: nn.Module, final: nn.Module, data: DataBun
         "machine": machine_description()})
     if result is not None and result.trials:
         summary["search"] = search_summary(result)
-    if result is not None:
-        summary.update(learner.summary_fields(policy, summary))
     reps = cfg["search"]["latency_repeats"]
     onnx_path = export_onnx(learner, final, data, run_dir, summary, repeats=reps) if cfg["search"]["export_onnx"] \
         else None
+    if result is not None:  # after the export: a latency table timed in ONNX Runtime is checked against model.onnx
+        summary.update(learner.summary_fields(policy, summary))
     if onnx_path is not None:
         summary.update(learner.deploy(final, onnx_path, data, run_dir.path, repeats=reps))
     summary["speedup"] = speed_block(base, summary, data, run_dir, onnx_path, repeats=reps)
