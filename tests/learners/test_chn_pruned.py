@@ -614,3 +614,23 @@ def test_torchvision_se_and_grouped_models_meet_the_budget_exactly(name: str) ->
                             lrn.arch_state(cand)["ops"])
         rebuilt.load_state_dict(cand.state_dict())
         torch.testing.assert_close(rebuilt.eval()(x), cand(x))
+
+
+def test_graph_analysis_past_its_time_bound_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchpocket.learners.channel_graph as cg
+
+    real = cg._analyse_group
+
+    def slow(*args: object, **kwargs: object) -> object:
+        import time
+
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cg, "_analyse_group", slow)
+    monkeypatch.setenv("TORCHPOCKET_GRAPH_SECONDS", "0.2")
+    model = build_net("resnet20").eval()
+    with pytest.raises(UserError, match=r"took more than 0.2 s.*TORCHPOCKET_GRAPH_SECONDS"):
+        find_channel_groups(model, data().val.x[:1])
+    monkeypatch.setenv("TORCHPOCKET_GRAPH_SECONDS", "60")
+    assert find_channel_groups(model, data().val.x[:1]).groups  # and the alarm is off again afterwards

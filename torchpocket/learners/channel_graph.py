@@ -22,10 +22,14 @@ Torch-Pruning's pruning functions, on a candidate or on a freshly built network.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
-from collections.abc import Callable, Sequence
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -378,6 +382,48 @@ def _analyse_group(graph: Any, module: nn.Module, names: dict[nn.Module, str],
     return g
 
 
+class _GraphTimeout(BaseException):  # not an Exception: no "except Exception" on the way may swallow it
+    """The graph analysis ran past its time bound."""
+
+
+def _graph_seconds() -> float:
+    raw = os.environ.get("TORCHPOCKET_GRAPH_SECONDS", "")
+    try:
+        return float(raw) if raw else 900.0
+    except ValueError:
+        raise UserError(f"TORCHPOCKET_GRAPH_SECONDS must be a number of seconds, got {raw!r}") from None
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`_GraphTimeout` in the block after ``seconds`` (SIGALRM: the main thread on POSIX only).
+
+    A timer already running (pytest-timeout, a caller's alarm) is put back afterwards with its remaining
+    time; if it would fire first, it is left alone and no limit of ours is set.
+    """
+    import time
+
+    usable = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread() and seconds > 0
+    outer = signal.getitimer(signal.ITIMER_REAL)[0] if usable else 0.0
+    if not usable or (outer and outer <= seconds):
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise _GraphTimeout
+
+    start = time.monotonic()
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        if outer:
+            signal.setitimer(signal.ITIMER_REAL, max(1e-3, outer - (time.monotonic() - start)))
+
+
 def _find_groups(model: nn.Module, example: Tensor, coupled: str
                  ) -> tuple[list[ChannelGroup], dict[str, str], dict[str, LayerGeom], float, Tensor]:
     net = copy.deepcopy(model).cpu().eval()
@@ -443,9 +489,14 @@ def find_channel_groups(model: nn.Module, example: Tensor, *, coupled: str = "sk
 
     extra = memory_headroom_bytes()
     cap = MemoryCap(extra)
+    seconds = _graph_seconds()
     try:
-        with cap:
+        with cap, _time_limit(seconds):
             groups, skipped, layers, total_flops, example = _find_groups(model, example, coupled)
+    except _GraphTimeout:
+        raise UserError(f"tracing the channel dependencies of {type(model).__name__} took more than {seconds:g} s "
+                        f"(Torch-Pruning's dependency graph); chn-pruned refuses it. Set TORCHPOCKET_GRAPH_SECONDS "
+                        f"to allow more, or use a learner that needs no graph (weight-sparse, uniform-quant)") from None
     except (MemoryError, RuntimeError):
         if not cap.hit:
             raise
