@@ -53,8 +53,10 @@ def run_cell(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         env = {**os.environ, "TORCHPOCKET_CACHE": str(Path(tmp) / "cache")}  # widths probed in this run
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"{name} seed {seed} failed ({proc.returncode}): {proc.stderr.strip()[-400:]}")
+        if proc.returncode != 0:  # a refused target is a result too (one line, exit 2): the row says why
+            lines = proc.stderr.strip().splitlines() or ["(no message)"]
+            return {"config": name, "seed": seed, "refused": f"exit {proc.returncode}: {lines[-1][:240]}",
+                    "seconds": round(time.perf_counter() - t0, 1)}
         (run,) = (Path(tmp) / "runs").iterdir()
         s = json.loads((run / "summary.json").read_text())
     sp, pred = s["speedup"], s.get("latency_prediction") or {}
@@ -76,6 +78,9 @@ def table(rows: list[dict[str, Any]]) -> str:
              "table predicts | prediction error (ORT/eager b1) | granules | s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
+        if "refused" in r:
+            lines.append(f"| `{r['config']}` | {r['seed']} | {r['refused']} |  |  |  |  |  |  |  |  | {r['seconds']} |")
+            continue
         gran = ",".join(str(g) for g in r["granules"]) if len(set(r["granules"])) > 1 else str(r["granules"][0])
         lines.append(f"| `{r['config']}` | {r['seed']} | {f(r['flops_kept'], '.3f')} | {f(r['val_acc'], '.2f')} | "
                      f"{f(r['eager_b1'], '.2f')}x | {f(r['eager_b64'], '.2f')}x | {f(r['ort_b1'], '.2f')}x | "
