@@ -581,10 +581,10 @@ def test_tracing_a_model_too_big_for_the_memory_bound_is_refused_in_one_line(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The graph analysis copies and traces the model under an address-space cap: a model that needs more than
     the bound is refused with the fix named, not grown until the OOM killer ends the process."""
-    big = nn.Sequential(nn.Linear(2048, 4096), nn.ReLU(), nn.Linear(4096, 10))  # 34 MB of weights to copy
-    x = torch.randn(1, 2048)
-    monkeypatch.setenv("TORCHPOCKET_GRAPH_MEMORY_GIB", "0.01")
-    with pytest.raises(UserError, match="needed more than 0.01 GiB.*TORCHPOCKET_GRAPH_MEMORY_GIB"):
+    big = nn.Sequential(nn.Linear(4096, 8192), nn.ReLU(), nn.Linear(8192, 10))  # 134 MB of weights to copy
+    x = torch.randn(1, 4096)
+    monkeypatch.setenv("TORCHPOCKET_GRAPH_MEMORY_GIB", "0.05")
+    with pytest.raises(UserError, match="needed more than 0.05 GiB.*TORCHPOCKET_GRAPH_MEMORY_GIB"):
         find_channel_groups(big, x)
     monkeypatch.setenv("TORCHPOCKET_GRAPH_MEMORY_GIB", "4")
     assert [g.name for g in find_channel_groups(big, x).groups] == ["2"]  # the cap is lifted again afterwards
