@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--cells", default="benchmarks/speed-cells", help="one JSON file per (setting, seed)")
     ap.add_argument("--out", default=None, help="markdown file for the table (it is printed too)")
     args = ap.parse_args()
-    from _common import flag_line
+    from _common import command_line, flag_line
 
     from torchpocket.utils import atomic_write_text, machine_description
 
@@ -117,7 +117,7 @@ def main() -> None:
             rows.append(json.loads(cell.read_text()))
     text = (f"## Speed at target {args.target} (resnet20, uniform policy, no re-training)\n\n"
             f"- machine: {machine_description()}; CPU flags: {flag_line()}; "
-            f"command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`\n\n" + table(rows))
+            f"command: `{command_line()}`\n\n" + table(rows))
     print(text)
     if args.out:
         atomic_write_text(args.out, text)
