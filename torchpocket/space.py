@@ -79,11 +79,15 @@ class Budget:
         fill: bool = True,
         unit: str = "flops",
         uniform_path: Callable[[float], Sequence[float]] | None = None,
+        inert: Sequence[bool] | None = None,
     ) -> None:
         self.cost_fn, self.full, self.target = cost_fn, float(full), float(target)
         # what "uniform" means when the values are of different kinds (a composite's ratios and bits): t in
         # [0, 1] -> a policy, non-decreasing in t; default: one value for every layer
         self.uniform_path = uniform_path
+        # values the cost does not depend on (a composite's weight bits under an int8 latency table): projection
+        # leaves them where the optimizer put them instead of lowering them for nothing
+        self.inert = np.zeros(len(lows), bool) if inert is None else np.asarray(inert, bool)
         self.lows, self.highs = np.asarray(lows, float), np.asarray(highs, float)
         self.steps = np.zeros(len(self.lows)) if steps is None else np.asarray(steps, float)
         self.layer_cost_fn, self.fill, self.unit = layer_cost_fn, fill, unit
@@ -145,12 +149,12 @@ class Budget:
         return p
 
     def _shape(self, p: np.ndarray, s: float) -> np.ndarray:
-        """Monotone family through p: s=0 -> lows, s=1 -> p, s=2 -> highs."""
+        """Monotone family through p: s=0 -> lows, s=1 -> p, s=2 -> highs (inert values stay at p)."""
         if s <= 1:
             q = self.lows + s * (p - self.lows)
         else:
             q = p + (s - 1) * (self.highs - p)
-        return self._round(q)
+        return self._round(np.where(self.inert, p, q))
 
     def project(self, policy: Sequence[float], *, iters: int = 50) -> Policy:
         """Clip to bounds, then move the policy along a monotone path until it meets the target.

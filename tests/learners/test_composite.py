@@ -82,6 +82,36 @@ def test_uniform_moves_every_value_the_same_fraction_of_its_range() -> None:
     assert space.budget.satisfied(list(u)) and space.budget.fraction(list(u)) > 0.5 * 0.02
 
 
+def test_latency_budget_is_the_int8_table_and_leaves_the_bits_alone() -> None:
+    """``--resource latency``: A's lookup table timed in ONNX Runtime int8 (as ``model.int8.onnx`` runs), a fraction
+    of the unpruned fp32 model's time; weight bits cost nothing there, so projection and uniform leave them high."""
+    from torchpocket.learners._channel_latency import INT8_RUNTIME
+
+    lrn, model = prepared("latency")
+    assert lrn.first.latency_runtime == INT8_RUNTIME and lrn.first.resource == "flops"
+    top = lrn.search_space(model, 100.0)  # any target (this tiny net runs slower in int8 than in fp32)
+    k = top.meta["split"]
+    assert top.meta["latency"]["runtime"] == INT8_RUNTIME and top.meta["latency"]["fp32_full"] > 0
+    floor, high = top.budget.fraction(list(top.lows)), top.budget.fraction(list(top.highs))
+    assert 0 < floor < high  # narrower layers are predicted faster
+    space = lrn.search_space(model, 0.5 * (floor + high))
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        raw = space.budget.clip(rng.uniform(space.lows, space.highs))
+        few_bits = np.concatenate([raw[:k], space.lows[k:]])
+        assert space.budget.cost(list(raw)) == space.budget.cost(list(few_bits))  # bits: no time
+        projected = np.asarray(space.budget.project(list(space.highs)))
+        assert space.budget.satisfied(list(projected)) and (projected[:k] < space.highs[:k]).any()
+        assert np.array_equal(projected[k:], space.highs[k:])  # pruning met the target, the bits untouched
+    u = np.asarray(space.budget.uniform())
+    assert np.array_equal(u[k:], space.highs[k:]) and space.budget.satisfied(list(u))
+    pa, _ = lrn.split(list(u))
+    pred = lrn.latency_prediction(pa, {"int8": {"latency_ms_b1": 2.0}})
+    assert pred["runtime"] == INT8_RUNTIME and pred["measured_file"] == "model.int8.onnx"
+    assert pred["predicted_fraction"] == pytest.approx(space.budget.fraction(list(u)))
+    assert pred["prediction_error"] == pytest.approx(pred["predicted_ms"] / 2.0 - 1)
+
+
 @pytest.mark.usefixtures("shared_cache")
 def test_a_joint_run_ships_an_int8_model_that_reloads(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     run_dir = run_ok(capsys, "--dataset", "synthetic", "--net", "resnet20", "--learner", NAME, "--resource",

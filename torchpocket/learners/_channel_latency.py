@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import io
+import logging
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -172,33 +177,69 @@ def _fresh_layer(src: nn.Module, kind: str, cin: int, cout: int, extras: list[nn
     return nn.Sequential(*parts).to(device=p.device, dtype=p.dtype).eval()
 
 
-RUNTIMES = ("onnxruntime", "eager")
+RUNTIMES = ("onnxruntime", "eager")  # what --latency-runtime offers
+INT8_RUNTIME = "onnxruntime-int8"  # a composite whose second part ships model.int8.onnx times its layers so
+
+
+def _int8_bytes(fp32: bytes, x: Tensor) -> bytes:
+    """``fp32`` (an ONNX graph of one input) quantized as ``model.int8.onnx`` is laid out: QDQ, uint8 activations
+    per tensor, int8 weights per channel (ONNX Runtime's static quantizer, ranges calibrated on ``x``), the form
+    ONNX Runtime fuses into QLinearConv / QGemm kernels."""
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from torchpocket.export import INPUT_NAME
+
+    class _One(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.left = [{INPUT_NAME: x.numpy()}]
+
+        def get_next(self) -> dict[str, Any] | None:
+            return self.left.pop() if self.left else None
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(fp32)
+        prev = logging.root.manager.disable  # the quantizer logs a pre-processing hint on the root logger
+        logging.disable(logging.WARNING)
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                quantize_static(src, dst, _One(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        finally:
+            logging.disable(prev)
+        return dst.read_bytes()
 
 
 def time_cases_onnxruntime(cases: Sequence[tuple[nn.Module, Tensor]], *, warmup: int, repeats: int,
-                           threads: int | None = None) -> list[float]:
+                           threads: int | None = None, int8: bool | Sequence[bool] = False) -> list[float]:
     """Median seconds per call of each (module, input) in ONNX Runtime: each case exported as ``model.onnx`` is
-    (the TorchScript exporter, opset 17, fp32, CPU) and run in a session of ``threads`` intra-op threads,
-    timed round-robin like :func:`time_cases`."""
-    import io
-
+    (the TorchScript exporter, opset 17, fp32, CPU), or, where ``int8`` says so (one flag, or one per case),
+    quantized as ``model.int8.onnx`` is (:func:`_int8_bytes`), and run in a session of ``threads`` intra-op
+    threads, timed round-robin like :func:`time_cases`."""
     import onnxruntime as ort
 
     from torchpocket.export import INPUT_NAME, _quiet_legacy_exporter
 
+    flags = [bool(int8)] * len(cases) if isinstance(int8, bool) else [bool(f) for f in int8]
+    if len(flags) != len(cases):
+        raise ValueError(f"int8: one flag per case, got {len(flags)} for {len(cases)} cases")
     runs = {}
     # a session call costs the same small overhead at any width: timed on an identity graph and taken off each
     # case, so the table holds what the layer costs (the whole model's one overhead stays in the rest)
-    cases = [(nn.Identity(), torch.zeros(1)), *cases]
-    for i, (m, x) in enumerate(cases):
+    cases, flags = [(nn.Identity(), torch.zeros(1)), *cases], [False, *flags]
+    for i, ((m, x), q) in enumerate(zip(cases, flags)):
         buf = io.BytesIO()
         mod, xc = m.cpu().float().eval(), x.detach().cpu().float()
         with torch.no_grad(), _quiet_legacy_exporter():
             torch.onnx.export(mod, (xc,), buf, dynamo=False, opset_version=17, input_names=[INPUT_NAME])
+        graph = _int8_bytes(buf.getvalue(), xc) if q else buf.getvalue()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
-        sess = ort.InferenceSession(buf.getvalue(), sess_options=opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(graph, sess_options=opts, providers=["CPUExecutionProvider"])
         runs[i] = functools.partial(sess.run, None, {INPUT_NAME: xc.numpy()})
     times = time_round_robin(runs, warmup=warmup, repeats=repeats)
     return [max(times[i] - times[0], 1e-9) for i in range(1, len(cases))]
@@ -260,13 +301,16 @@ def build_latency_model(model: nn.Module, example: Tensor, cost: CostModel, *, l
     Widths range from those of ``low_policy`` (the narrowest the search allows) to full, at
     most ``points`` per dimension; ``batch`` samples of ``example``'s shape per call. ``runtime``:
     eager PyTorch, or ONNX Runtime on the CPU (each layer and the whole model exported as
-    ``model.onnx`` is), the runtime a shipped ``model.onnx`` runs in.
+    ``model.onnx`` is), the runtime a shipped ``model.onnx`` runs in, or ONNX Runtime int8 (``INT8_RUNTIME``:
+    each layer quantized as ``model.int8.onnx`` is; ``meta["fp32_full"]`` then holds the whole fp32 model's
+    time, measured in the same rounds as the int8 one).
     """
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
-    if runtime == "onnxruntime":
+    if runtime not in (*RUNTIMES, INT8_RUNTIME):
+        raise ValueError(f"runtime must be one of {(*RUNTIMES, INT8_RUNTIME)}, got {runtime!r}")
+    if runtime in ("onnxruntime", INT8_RUNTIME):
         device = "cpu"
-        timer = functools.partial(time_cases_onnxruntime, warmup=warmup, repeats=repeats)
+        timer = functools.partial(time_cases_onnxruntime, warmup=warmup, repeats=repeats,
+                                  int8=runtime == INT8_RUNTIME)
     else:
         timer = functools.partial(time_cases, warmup=warmup, repeats=repeats)
     start = time.perf_counter()
@@ -315,7 +359,12 @@ def build_latency_model(model: nn.Module, example: Tensor, cost: CostModel, *, l
         entries.append(LatencyEntry(name, k, calls, cin.astype(float), cout.astype(float), table,
                                     [n for n, m in net.named_modules() if any(m is e for e in extras)]))
     xb = torch.randn((batch, *example.shape[1:]), generator=gen).to(device=device, dtype=dtype)
-    (measured,) = timer([(net, xb)])
+    fp32_full = None
+    if runtime == INT8_RUNTIME:  # the whole model in int8 and, in the same rounds, in fp32 (what a target is of)
+        measured, fp32_full = time_cases_onnxruntime([(net, xb), (net, xb)], warmup=warmup, repeats=repeats,
+                                                     int8=[True, False])
+    else:
+        (measured,) = timer([(net, xb)])
     timed = sum(e.calls * float(e.table[-1, -1]) for e in entries)
     scale = 1.0
     if timed > measured > 0:  # layers alone cost more than inside the model (ONNX Runtime fuses, overlaps copies):
@@ -327,6 +376,8 @@ def build_latency_model(model: nn.Module, example: Tensor, cost: CostModel, *, l
             "device": str(torch.device(device)), "runtime": runtime,
             "repeats": repeats, "points": points, "layers": len(entries), "timings": timings,
             "build_seconds": time.perf_counter() - start}
+    if fp32_full is not None:
+        meta["fp32_full"] = fp32_full
     return LatencyModel(cost, entries, max(0.0, measured - timed), measured_full=measured, meta=meta)
 
 

@@ -135,6 +135,11 @@ class Learner(ABC):
         """Bits of the activations a quantizer's model computes with (a composite's BitOps; 32: float)."""
         return 32
 
+    def int8_deploy(self) -> bool:
+        """Whether :meth:`deploy` ships ``model.int8.onnx`` with these options (a composite's latency table is then
+        timed in ONNX Runtime int8)."""
+        return False
+
     def export(self, model: nn.Module, run_dir: Any, example: torch.Tensor) -> dict[str, Any]:
         """Learner-specific deployment files; returns figures for summary.json (key ``export``)."""
         return {}

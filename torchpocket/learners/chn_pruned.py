@@ -51,7 +51,7 @@ from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
 from torchpocket.learners import register_learner
 from torchpocket.learners._channel_cost import CostModel
-from torchpocket.learners._channel_latency import RUNTIMES, LatencyModel, build_latency_model
+from torchpocket.learners._channel_latency import INT8_RUNTIME, RUNTIMES, LatencyModel, build_latency_model
 from torchpocket.learners._channel_round import RoundingPlan, cache_root, load_or_probe, plan_key, probe_rounding
 from torchpocket.learners._importance import IMPORTANCE, Calib, Ranking
 from torchpocket.learners.base import Learner
@@ -162,6 +162,9 @@ class ChnPrunedLearner(Learner):
         self._example: Tensor | None = None
         self._model: nn.Module | None = None  # the prepared (original) model, for the latency table
         self._latency: LatencyModel | None = None  # built on first use, then reused
+        # the runtime the table is timed in: --latency-runtime, or INT8_RUNTIME when a composite's second part
+        # ships model.int8.onnx (set before prepare)
+        self.latency_runtime: str = c.latency_runtime
 
     @classmethod
     def quick_options(cls) -> dict[str, Any]:
@@ -390,7 +393,7 @@ class ChnPrunedLearner(Learner):
             self._latency = build_latency_model(
                 self._model, self._example, self.cost, low_policy=[c.low] * self.cost.n_groups,
                 batch=c.latency_batch, repeats=c.lut_repeats, points=c.lut_points, device=self.device,
-                runtime=c.latency_runtime)
+                runtime=self.latency_runtime)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(path, json.dumps(self._latency.to_dict()))
@@ -409,7 +412,7 @@ class ChnPrunedLearner(Learner):
         c = self.config
         key = {"model": str(self._model), "input": self._input_shape[1:], "batch": c.latency_batch,
                "machine": machine_description(), "device": str(self.device), "repeats": c.lut_repeats,
-               "runtime": c.latency_runtime,
+               "runtime": self.latency_runtime,
                "points": c.lut_points, "low": c.low, "round": self.cost.round_to, "dtype": str(self._example.dtype),
                "groups": [[g.name, g.units, [len(k) for k in g.classes]] for g in self.info.groups]}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
@@ -441,6 +444,8 @@ class ChnPrunedLearner(Learner):
         pred = self.latency_summary(policy)  # HAQ-style lookup table vs what the final model measures
         if pred["runtime"] == "onnxruntime":  # the shipped model.onnx, timed in ONNX Runtime (None: not exported)
             pred["measured_ms_b1"] = summary.get("onnx", {}).get("latency_ms_b1")
+        elif pred["runtime"] == INT8_RUNTIME:  # a composite's model.int8.onnx
+            pred["measured_ms_b1"] = summary.get("int8", {}).get("latency_ms_b1")
         else:
             pred["measured_ms_b1"] = summary["compressed"]["latency_ms_b1"]
         if pred["measured_ms_b1"] and pred["batch"] == 1:

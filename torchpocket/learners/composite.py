@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from torchpocket.datasets import DataBundle
 from torchpocket.errors import UserError
+from torchpocket.learners._channel_latency import INT8_RUNTIME
 from torchpocket.learners._layers import layer_macs, weight_layers
 from torchpocket.learners.base import Learner
 from torchpocket.space import Budget, Policy, SearchSpace
@@ -91,6 +92,8 @@ def compose(name: str, parts: list[type[Learner]]) -> type[Learner]:
     extra.update({f"second.{k}": s for k, s in second.extra_sections.items()})
     # a sparsifier's kernels run dense: BitOps hardly move with it, bytes do (Deep Compression's measure)
     resources = ("bytes", "bitops") if first.sparse else ("bitops", "bytes")
+    if "latency" in first.resources:  # A's latency table, timed as B's model is deployed
+        resources = (*resources, "latency")
     attrs = {"parts": (first, second), "cli_name": name, "resources": resources,
              "extra_sections": {k: s for k, s in extra.items() if s},
              "policy_name": f"{first.policy_name} / {second.policy_name}",
@@ -114,6 +117,8 @@ class CompositeLearner(Learner):
         b_extra = {k.split(".", 1)[1]: v for k, v in kwargs.items() if k.startswith("second.")}
         self.first = a(config=first_config, **own, **a_extra)
         self.second = b(config=second_config, **own, **b_extra)
+        if self.resource == "latency" and self.second.int8_deploy():
+            self.first.latency_runtime = INT8_RUNTIME  # every layer timed as model.int8.onnx runs it
         self._macs: dict[str, int] = {}
         self._weights: dict[str, int] = {}
         self._split = 0
@@ -148,20 +153,29 @@ class CompositeLearner(Learner):
         self._split, self._model, self._qnames = len(sa.layers), model, list(sb.names)
         cost, full = self._joint_cost(model, self.resource)
         lows, highs = np.array([lay.low for lay in layers]), np.array([lay.high for lay in layers])
+        # under a latency table B's values cost nothing (an int8 kernel runs 2-bit and 8-bit weights alike; a
+        # codebook runs in float): the projection leaves them alone and the uniform policy keeps them at the top
+        inert = np.arange(len(layers)) >= self._split if self.resource == "latency" else np.zeros(len(layers), bool)
 
-        def path(t: float) -> list[float]:  # every value the same fraction t of its range
-            return list(lows + t * (highs - lows))
+        def path(t: float) -> list[float]:  # every (costing) value the same fraction t of its range
+            return list(np.where(inert, highs, lows + t * (highs - lows)))
 
         budget = Budget(cost_fn=cost, full=full, target=target, lows=lows, highs=highs,
-                        steps=[lay.step for lay in layers], fill=fill, unit=self.resource, uniform_path=path)
+                        steps=[lay.step for lay in layers], fill=fill, unit=self.resource, uniform_path=path,
+                        inert=inert)
         meta = {"resource": self.resource, "measure": self.resource, "split": self._split,
+                **({"latency": dict(self.first.latency_model().meta)} if self.resource == "latency" else {}),
                 "policy": f"{a.cli_name}: {sa.meta.get('policy', a.policy_name)}; then {b.cli_name}: "
                           f"{sb.meta.get('policy', b.policy_name)}",
                 "activation_bits": self.second.activation_bits(), "parts": [sa.meta, sb.meta]}
         return SearchSpace(layers, budget, meta=meta)
 
     def _joint_cost(self, model: nn.Module, unit: str) -> tuple[Any, float]:
-        """(cost of a whole policy, the fp32 network's) in BitOps or bytes."""
+        """(cost of a whole policy, the fp32 network's) in BitOps, bytes or seconds (A's latency table, timed
+        in ONNX Runtime int8 when B ships ``model.int8.onnx``: then against the unpruned fp32 model's time)."""
+        if unit == "latency":
+            lat = self.first.latency_model()
+            return (lambda policy: lat.predict(policy[: self._split])), float(lat.meta.get("fp32_full", lat.full))
         qnames, abits = self._qnames, self.second.activation_bits()
         params = float(sum(p.numel() for p in model.parameters()))
 
@@ -226,13 +240,29 @@ class CompositeLearner(Learner):
         out = {**self.first.summary_fields(pa, summary), **self.second.summary_fields(pb, summary)}
         out["joint"] = {"resource": self.resource, "parts": [p.cli_name for p in self.parts],
                         "activation_bits": self.second.activation_bits(), **self.joint_fractions(policy)}
+        if self.resource == "latency":
+            out["joint"]["latency_prediction"] = self.latency_prediction(pa, summary)
         return out
+
+    def latency_prediction(self, pa: Policy, summary: dict[str, Any]) -> dict[str, Any]:
+        """The table's prediction for A's final policy beside what the shipped model measures at batch 1:
+        ``model.int8.onnx`` when B ships one, else ``model.onnx`` (None when not exported)."""
+        pred = self.first.latency_summary(pa)
+        lat = self.first.latency_model()
+        pred["fp32_full_ms"] = 1e3 * float(lat.meta.get("fp32_full", lat.full))
+        pred["predicted_fraction"] = pred["predicted_ms"] / pred["fp32_full_ms"]
+        key = "int8" if pred["runtime"] == INT8_RUNTIME else "onnx"
+        pred["measured_ms_b1"] = summary.get(key, {}).get("latency_ms_b1")
+        pred["measured_file"] = "model.int8.onnx" if key == "int8" else "model.onnx"
+        if pred["measured_ms_b1"] and pred["batch"] == 1:
+            pred["prediction_error"] = pred["predicted_ms"] / pred["measured_ms_b1"] - 1
+        return pred
 
     def joint_fractions(self, policy: Policy) -> dict[str, float]:
         """The policy's BitOps and bytes as fractions of the fp32 network's (whatever ``--resource`` is)."""
         assert self._model is not None, "call search_space() first"
         out = {}
-        for unit in self.resources:
+        for unit in [u for u in self.resources if u != "latency" or self.resource == "latency"]:
             cost, full = self._joint_cost(self._model, unit)
             out[f"{unit}_fraction"] = cost(list(policy)) / full
         return out

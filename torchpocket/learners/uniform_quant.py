@@ -166,6 +166,11 @@ class UniformQuantLearner(Learner):
         """The fp32 network for ``model.onnx``: quantized weights as floats, no activation quantization."""
         return float_model(model)
 
+    def int8_deploy(self) -> bool:
+        """``model.int8.onnx`` needs weights of at most 8 bits and activation quantizers."""
+        c = self.config
+        return bool(c.act_bits) and (c.bits if c.bits is not None else c.max_bits) <= 8
+
     def deploy(self, model: nn.Module, fp32_onnx: Any, data: Any, run_dir: Any, *,
                repeats: int = 20) -> dict[str, Any]:
         """``model.int8.onnx`` beside ``model.onnx`` when every weight has at most 8 bits (summary key ``int8``)."""

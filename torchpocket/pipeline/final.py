@@ -103,10 +103,10 @@ def summarize(learner: Learner, base: nn.Module, final: nn.Module, data: DataBun
     reps = cfg["search"]["latency_repeats"]
     onnx_path = export_onnx(learner, final, data, run_dir, summary, repeats=reps) if cfg["search"]["export_onnx"] \
         else None
-    if result is not None:  # after the export: a latency table timed in ONNX Runtime is checked against model.onnx
-        summary.update(learner.summary_fields(policy, summary))
     if onnx_path is not None:
         summary.update(learner.deploy(final, onnx_path, data, run_dir.path, repeats=reps))
+    if result is not None:  # after the exports: a latency table is checked against model.onnx / model.int8.onnx
+        summary.update(learner.summary_fields(policy, summary))
     summary["speedup"] = speed_block(base, summary, data, run_dir, onnx_path, repeats=reps)
     extra = learner.export(final, run_dir.path, torch.zeros(1, *input_shape(data)))
     if extra:
