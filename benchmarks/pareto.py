@@ -47,7 +47,7 @@ from torchpocket.pipeline import RunDir, search
 from torchpocket.pipeline.search import SearchResult
 from torchpocket.utils import atomic_write_text, seed_everything
 
-OPTIMIZERS = ("evolution", "tpe", "random")
+OPTIMIZERS = ("sensitivity", "evolution", "tpe", "random")
 #: benchmark names for an optimizer with other options: name -> (--hpo, {section: {option: value}})
 VARIANTS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     "evolution-random": ("evolution", {"evolution": {"init": "random"}}),  # NSGA-II's random first generation

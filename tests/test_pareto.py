@@ -83,6 +83,42 @@ def test_front_hypervolume_and_best_at_match_brute_force() -> None:
     assert block["front_mean_val_acc"] == pytest.approx(block["hypervolume"] / 0.6)
 
 
+def test_sensitivity_allocates_the_whole_front_from_one_set_of_probes() -> None:
+    """``sensitivity --pareto``: the uniform curve, one set of probes, the allocation at every 0.05 of the window
+    (each beating uniform at its resource on a reward whose layers differ in sensitivity), then local search."""
+    from torchpocket.hpo.sensitivity import PARETO_STEP
+
+    sens = np.array([4.0, 0.2, 1.0, 0.05])
+
+    def reward(p: list[float]) -> float:
+        return -float(np.dot(sens, (1.0 - np.asarray(p)) ** 2))
+
+    space = _space()
+    b = space.budget
+    opt = create_optimizer("sensitivity", space, seed=0, total_trials=60, config={"points": 3})
+    points = window_points(0.25, 0.8, PARETO_STEP)
+    asked = []
+    for i in range(60):
+        p = opt.ask()
+        asked.append((p, opt.last_kind))
+        opt.tell(p, reward(p))
+        if i == 40:
+            state = opt.state_dict()
+    kinds = [k for _, k in asked]
+    n_uni, n_probe = len(b.points()), 1 + 4 * 3
+    assert kinds[:n_uni] == ["uniform"] * n_uni and kinds[n_uni:n_uni + n_probe] == ["probe"] * n_probe
+    assert set(kinds[n_uni + n_probe:]) == {"search"}
+    alloc = [p for p, _ in asked[n_uni + n_probe:n_uni + n_probe + len(points)]]
+    for p, r in zip(alloc, points):
+        assert r - 0.03 <= b.fraction(p) <= r + 1e-9  # at (or just under) its point of the window
+        assert reward(p) > reward(b.uniform(fraction=r)) + 1e-3  # better than uniform at that resource
+    for p, _ in asked[n_uni + n_probe:]:
+        assert 0.25 - 1e-6 <= b.fraction(p) <= 0.8 + 1e-9
+    again = create_optimizer("sensitivity", _space(), seed=0, total_trials=60, config={"points": 3})
+    again.load_state_dict(state)
+    assert again.ask() == pytest.approx(asked[41][0])
+
+
 @pytest.mark.parametrize("hpo", ["tpe", "evolution", "random"])
 def test_multi_objective_optimizers_seed_the_uniform_curve_and_resume_the_same(hpo: str) -> None:
     def reward(p: list[float]) -> float:
@@ -152,6 +188,7 @@ def test_pareto_run_writes_the_front_and_pick_finalises_without_searching(capsys
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--hpo", "ddpg", "--pareto", "0.3:0.7"], "--pareto searches a front"),
+    (["--hpo", "gp", "--pareto", "0.3:0.7"], "--pareto searches a front"),
     (["--hpo", "tpe", "--pareto", "0.7:0.3"], "--pareto must be LO:HI"),
     (["--hpo", "tpe", "--pareto", "half"], "--pareto must be LO:HI"),
     (["--hpo", "tpe", "--pick", "0.4"], "--pick chooses points of a Pareto front"),

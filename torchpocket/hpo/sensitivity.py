@@ -22,6 +22,12 @@ integer programme and Sony MCT's mixed-precision allocation, for any learner
 4. **Refine:** the remaining trials are a (1+1) evolution strategy around the
    best policy so far (Gaussian steps of ``sigma`` times each layer's range,
    projected; the step grows after a success and shrinks after a failure).
+
+Under ``--pareto LO:HI`` the same probes serve the whole front: the allocation
+is solved at every ``PARETO_STEP`` of the window (each its own trial, at or just
+below that resource), and the refinement cycles over those points, each step
+projected back to its point's resource and counted a success when it beats the
+best trial at or below that resource.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import numpy as np
 from torchpocket.hpo import register_hpo
 from torchpocket.hpo.base import Optimizer
 from torchpocket.options import opt
-from torchpocket.space import Policy, SearchSpace
+from torchpocket.space import Budget, Policy, SearchSpace, window_points
 
 
 @dataclass
@@ -53,6 +59,7 @@ class SensitivityConfig:
 
 _PROBE_SHARE = 0.4
 _MAX_POINTS = 6
+PARETO_STEP = 0.05  # the allocation's resources across a Pareto window
 
 
 def probe_points(total_trials: int, n_free: int) -> int:
@@ -68,6 +75,7 @@ class SensitivityOptimizer(Optimizer):
 
     parallel: ClassVar[bool] = False
     seeds_uniform: ClassVar[bool] = True
+    pareto: ClassVar[bool] = True  # one set of probes, the allocation at every point of the window
     Config: ClassVar[type] = SensitivityConfig
     section: ClassVar[str] = "sensitivity"
 
@@ -86,10 +94,16 @@ class SensitivityOptimizer(Optimizer):
         self.curves: dict[int, dict[float, float]] = {i: {} for i in self.free}
         self.full_reward: float | None = None
         self.scored: list[tuple[Policy, float]] = []  # non-probe trials: what best() chooses from
-        self.sigma = float(self.config.sigma)
         self.rng = np.random.default_rng(self.seed)
         self.allocated = False
         self._separable: bool | None = None
+        # the resources allocated at: the target, or every PARETO_STEP of a Pareto window
+        b = self.budget
+        self.targets = [b.target] if b.floor is None else window_points(b.floor, b.target, PARETO_STEP)
+        self.n_allocated = 0  # allocation trials asked (one per target)
+        self.sigmas = [float(self.config.sigma)] * len(self.targets)
+        self.turn = 0  # the target the next refinement step works at
+        self._at: dict[int, Budget] = {}
 
     # -- probes ----------------------------------------------------------------------------------
     def _probe_values(self, i: int, k: int) -> list[float]:
@@ -116,12 +130,16 @@ class SensitivityOptimizer(Optimizer):
             self.last_kind = "probe"
             policy = [float(v) for v in self.budget.clip(self._alone(tag["layer"], tag["value"]))]
         elif not self.allocated:
-            self.allocated = True
-            self.last_kind, tag = "search", {"kind": "search", "phase": "allocate"}
-            policy = self.budget.project(self.allocate())
+            k = self.n_allocated
+            self.n_allocated += 1
+            self.allocated = self.n_allocated >= len(self.targets)
+            self.last_kind, tag = "search", {"kind": "search", "phase": "allocate", "point": k}
+            policy = self._at_point(k).project(self.allocate(k))
         else:
-            self.last_kind, tag = "search", {"kind": "search", "phase": "refine"}
-            policy = self._perturb()
+            k = self.turn % len(self.targets)
+            self.turn += 1
+            self.last_kind, tag = "search", {"kind": "search", "phase": "refine", "point": k}
+            policy = self._perturb(k)
         self.pending.append((policy, tag))
         return policy
 
@@ -139,12 +157,34 @@ class SensitivityOptimizer(Optimizer):
                 self.curves[tag["layer"]][float(tag["value"])] = r
             return
         if tag.get("phase") == "refine" and math.isfinite(r):
-            best = self.best()
-            self.sigma = min(0.5, self.sigma * 1.5) if best is None or r > best[1] else max(0.005, self.sigma * 0.85)
+            k = int(tag.get("point", 0))
+            best = self.best(k)
+            sig = self.sigmas[k]
+            self.sigmas[k] = min(0.5, sig * 1.5) if best is None or r > best[1] else max(0.005, sig * 0.85)
         self.scored.append((list(policy), r))
 
-    def best(self) -> tuple[Policy, float] | None:
+    @property
+    def sigma(self) -> float:
+        """The refinement's step at the target (the first point of a Pareto window)."""
+        return self.sigmas[0]
+
+    def _at_point(self, k: int) -> Budget:
+        """The Budget at the ``k``-th target: the search's own one, or a copy at that point of the window."""
+        b = self.budget
+        if b.floor is None:
+            return b
+        if k not in self._at:
+            self._at[k] = Budget(cost_fn=b.cost_fn, full=b.full, target=self.targets[k], lows=b.lows,
+                                 highs=b.highs, steps=b.steps, layer_cost_fn=b.layer_cost_fn, fill=True, unit=b.unit,
+                                 uniform_path=b.uniform_path, inert=b.inert)
+        return self._at[k]
+
+    def best(self, k: int | None = None) -> tuple[Policy, float] | None:
+        """The best scored trial (not a probe); with ``k``, the best at or below the ``k``-th target's resource."""
         ok = [pr for pr in self.scored if not math.isnan(pr[1])]
+        if k is not None and self.budget.floor is not None:
+            at = self._at_point(k)
+            ok = [pr for pr in ok if at.satisfied(pr[0])]
         return max(ok, key=lambda pr: pr[1]) if ok else None
 
     # -- the reward model --------------------------------------------------------------------------
@@ -183,22 +223,21 @@ class SensitivityOptimizer(Optimizer):
             self._separable = bool(ok)
         return self._separable
 
-    def allocate(self) -> Policy:
-        """The policy the reward model prefers under the Budget."""
+    def allocate(self, k: int = 0) -> Policy:
+        """The policy the reward model prefers under the Budget (at the ``k``-th target of a Pareto window)."""
         if not self.free:
             return [float(v) for v in self.highs]
         grids = {i: self._grid(i) for i in self.free}
         drops = {i: self.drop(i, grids[i]) for i in self.free}
         if self._is_separable():
-            p = self._milp(grids, drops)
+            p = self._milp(grids, drops, self._at_point(k))
             if p is not None:
                 return p
-        return self._lagrangian(grids, drops)
+        return self._lagrangian(grids, drops, self._at_point(k))
 
-    def _milp(self, grids: dict[int, np.ndarray], drops: dict[int, np.ndarray]) -> Policy | None:
+    def _milp(self, grids: dict[int, np.ndarray], drops: dict[int, np.ndarray], b: Budget) -> Policy | None:
         from scipy.optimize import Bounds, LinearConstraint, milp
 
-        b = self.budget
         base = b.cost(list(self.highs))
         cols, cost, obj, rows = [], [], [], []
         for r, i in enumerate(self.free):
@@ -223,9 +262,8 @@ class SensitivityOptimizer(Optimizer):
             p[i] = v
         return p if b.satisfied(p) else None
 
-    def _lagrangian(self, grids: dict[int, np.ndarray], drops: dict[int, np.ndarray]) -> Policy:
+    def _lagrangian(self, grids: dict[int, np.ndarray], drops: dict[int, np.ndarray], b: Budget) -> Policy:
         """min sum drop_i + lam * cost_i, costs linearised around the current policy (re-done 3 times)."""
-        b = self.budget
         p = np.asarray(b.uniform(), float)
         for _ in range(3):
             base = b.cost(list(p))
@@ -254,14 +292,15 @@ class SensitivityOptimizer(Optimizer):
         return [float(v) for v in p]
 
     # -- refine --------------------------------------------------------------------------------------
-    def _perturb(self) -> Policy:
-        best = self.best()
-        center = np.asarray(best[0] if best is not None else self.uniform_policy(), float)
+    def _perturb(self, k: int = 0) -> Policy:
+        best = self.best(k)
+        at = self._at_point(k)
+        center = np.asarray(best[0] if best is not None else at.uniform(), float)
         span = self.highs - self.lows
         # at least one step of a stepped layer (whole bits), or it would never move
-        scale = np.maximum(self.sigma * span, np.where(self.budget.steps > 0, self.budget.steps, 0.0))
+        scale = np.maximum(self.sigmas[k] * span, np.where(self.budget.steps > 0, self.budget.steps, 0.0))
         x = center + self.rng.normal(0.0, 1.0, len(center)) * scale
-        return self.budget.project(x)
+        return at.project(x)
 
     # -- resume --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -270,7 +309,8 @@ class SensitivityOptimizer(Optimizer):
                 "pending": [[list(p), dict(t)] for p, t in self.pending],
                 "curves": {str(i): [[v, r] for v, r in c.items()] for i, c in self.curves.items()},
                 "full_reward": self.full_reward, "scored": [[list(p), r] for p, r in self.scored],
-                "sigma": self.sigma, "allocated": self.allocated, "rng": self.rng.bit_generator.state}
+                "sigmas": list(self.sigmas), "allocated": self.allocated, "n_allocated": self.n_allocated,
+                "turn": self.turn, "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torchpocket.errors import UserError
@@ -285,5 +325,9 @@ class SensitivityOptimizer(Optimizer):
         self.curves = {int(i): {float(v): float(r) for v, r in c} for i, c in state["curves"].items()}
         self.full_reward = None if state["full_reward"] is None else float(state["full_reward"])
         self.scored = [(list(p), float(r)) for p, r in state["scored"]]
-        self.sigma, self.allocated = float(state["sigma"]), bool(state["allocated"])
+        self.allocated = bool(state["allocated"])
+        sigmas = state.get("sigmas", [state.get("sigma", self.config.sigma)])  # a state from before --pareto
+        self.sigmas = [float(v) for v in sigmas] + [float(self.config.sigma)] * (len(self.targets) - len(sigmas))
+        self.n_allocated = int(state.get("n_allocated", int(self.allocated)))
+        self.turn = int(state.get("turn", 0))
         self.rng.bit_generator.state = state["rng"]
