@@ -29,6 +29,12 @@ Where torchpocket departs from AMC (mit-han-lab/amc), and why:
   policy and explores around it. ``--ddpg-center linear`` restores AMC's map.
 - **Noise decay** is AMC's 0.95 per learning episode, or faster in a search too
   short for it to end near zero (sigma 0.02 by the last episode).
+- **Under ``--pareto LO:HI``** (an extension of AMC, not in the paper): each
+  episode draws its own target in ``[LO, HI]`` (the uniform seeds: the points of
+  the uniform curve) and the agent sees it as an 11th state feature (the target's
+  place in the window, 0 to 1); the action wall, the centre of the actions (the
+  uniform policy at that target) and the final projection use that target, so one
+  agent learns the whole front.
 - Remaining differences (kept): ``log1p`` of the parameter count and constant
   features at 0 in the embedding; *reduced* counts the undecided layers at full
   size (AMC: at their lower bound); the previous action is scaled to the
@@ -50,7 +56,7 @@ from torchpocket.errors import UserError
 from torchpocket.hpo import register_hpo
 from torchpocket.hpo.base import Optimizer
 from torchpocket.options import opt
-from torchpocket.space import Policy, SearchSpace
+from torchpocket.space import Budget, Policy, SearchSpace
 
 N_FEATURES = 10  # AMC's layer embedding: 7 static features + reduced, rest, previous action
 
@@ -178,6 +184,7 @@ class DDPG(Optimizer):
 
     parallel: ClassVar[bool] = False
     seeds_uniform: ClassVar[bool] = True
+    pareto: ClassVar[bool] = True  # each episode's target drawn in the window, and given to the agent
     Config: ClassVar[type] = DDPGConfig  # its config section, for the pipeline
     section: ClassVar[str] = "ddpg"
 
@@ -192,17 +199,19 @@ class DDPG(Optimizer):
             cfg.noise_init, self.total_trials - self.warmup)
         self.np_rng = np.random.default_rng(self.seed)
         self.torch_rng = torch.Generator().manual_seed(self.seed)
+        self.window = None if space.budget.floor is None else (float(space.budget.floor), space.budget.target)
+        nf = self.n_states = N_FEATURES + (self.window is not None)  # + the episode's target under --pareto
 
         with torch.random.fork_rng(devices=[]):  # nn.Linear's own init draws from the global generator
-            self.actor, self.critic = Actor(N_FEATURES, cfg.hidden), Critic(N_FEATURES, cfg.hidden)
-            self.actor_target, self.critic_target = Actor(N_FEATURES, cfg.hidden), Critic(N_FEATURES, cfg.hidden)
+            self.actor, self.critic = Actor(nf, cfg.hidden), Critic(nf, cfg.hidden)
+            self.actor_target, self.critic_target = Actor(nf, cfg.hidden), Critic(nf, cfg.hidden)
         _init_linear(self.actor, self.torch_rng)
         _init_linear(self.critic, self.torch_rng)
         self.actor_target.load_state_dict(self.actor.state_dict())
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.actor_optim = torch.optim.Adam(self.actor.parameters(), lr=cfg.lr_actor)
         self.critic_optim = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr_critic)
-        self.memory = ReplayMemory(cfg.memory_episodes * n, N_FEATURES)
+        self.memory = ReplayMemory(cfg.memory_episodes * n, nf)
 
         self.episode = 0  # episodes started by ask()
         self.sigma = cfg.noise_init
@@ -214,8 +223,29 @@ class DDPG(Optimizer):
         self.lows, self.highs = space.lows, space.highs
         self.span = self.highs - self.lows
         self._full_cost = self._total(list(self.highs))
-        self.center = (np.asarray(self.uniform_policy(), float) if cfg.center == "uniform"
-                       else self.lows + 0.5 * self.span)
+        self._at: dict[float, tuple[Budget, np.ndarray]] = {}
+        self.goal = space.budget.target  # the episode's target (drawn per episode under --pareto)
+        self.budget, self.center = self._at_target(self.goal)
+
+    def _at_target(self, goal: float) -> tuple[Budget, np.ndarray]:
+        """The Budget an episode at resource ``goal`` walks under (the search's own one, or a copy at that point of
+        the Pareto window) and its action centre (the uniform policy there, or the middle of each range)."""
+        if goal not in self._at:
+            b = self.space.budget
+            if self.window is not None:
+                b = Budget(cost_fn=b.cost_fn, full=b.full, target=goal, lows=b.lows, highs=b.highs, steps=b.steps,
+                           layer_cost_fn=b.layer_cost_fn, fill=True, unit=b.unit, uniform_path=b.uniform_path,
+                           inert=b.inert)
+            center = (np.asarray(b.uniform(), float) if self.config.center == "uniform"
+                      else self.lows + 0.5 * self.span)
+            if len(self._at) > 64:  # episodes draw continuous targets: keep the cache small
+                self._at.clear()
+            self._at[goal] = (b, center)
+        return self._at[goal]
+
+    def _set_goal(self, goal: float) -> None:
+        self.goal = float(goal)
+        self.budget, self.center = self._at_target(self.goal)
 
     # -- actions: [0, 1] -> the layer's [low, high], 0.5 -> its center -------------------------------
     def to_value(self, t: int, u: float) -> float:
@@ -248,7 +278,8 @@ class DDPG(Optimizer):
             rest = float(sum(b.layer_costs(current)[t + 1:])) / full
         else:  # what the later layers could still give up
             rest = (b.cost(current) - b.cost(current[: t + 1] + [float(v) for v in self.lows[t + 1:]])) / full
-        return np.concatenate([self.static[t], [reduced, rest, prev]])
+        extra = [] if self.window is None else [(self.goal - self.window[0]) / (self.window[1] - self.window[0])]
+        return np.concatenate([self.static[t], [reduced, rest, prev], extra])
 
     # -- acting ------------------------------------------------------------------------------------
     def _truncated_normal(self, mu: float, sigma: float) -> float:
@@ -266,22 +297,27 @@ class DDPG(Optimizer):
         return float(np.clip(self._truncated_normal(mu, self.sigma), 0.0, 1.0))
 
     def ask(self) -> Policy:
-        b = self.space.budget
         warm = self.episode < self.warmup
         seeding = self.seeding()
-        self.last_kind = "uniform" if seeding else "search"
-        self.seeded = True
-        if seeding:  # the uniform episode: the actions that give the uniform policy, stored like the agent's own
-            out = self.uniform_policy()
+        if seeding:  # the uniform episode(s): the actions that give the uniform policy, stored like the agent's own
+            k = self.n_seeded
+            out = self.ask_uniform()
+            if self.window is not None:
+                self._set_goal(self.space.budget.points()[min(k, len(self.space.budget.points()) - 1)])
             states, actions = self._walk(out)
         else:
+            self.last_kind = "search"
+            if self.window is not None:
+                self._set_goal(float(self.np_rng.uniform(*self.window)))
+            b = self.budget
             policy, states, actions = self._episode(warm)
             out = b.project(policy)
             if not np.allclose(out, policy, rtol=0, atol=1e-9):
                 # the Budget moved the walked policy (filled it up to the target): store the actions and
                 # states of the policy that is scored, so the critic learns the reward of what was done
                 states, actions = self._walk(out)
-        self.pending.append({"policy": list(out), "episode": self.episode, "states": states, "actions": actions})
+        self.pending.append({"policy": list(out), "episode": self.episode, "states": states, "actions": actions,
+                             "goal": self.goal})
         if not warm:
             self.sigma *= self.noise_decay
         self.episode += 1
@@ -289,7 +325,7 @@ class DDPG(Optimizer):
 
     def _episode(self, warm: bool) -> tuple[np.ndarray, list[np.ndarray], list[float]]:
         """One walk over the layers with the agent's (or warm-up) actions and the action wall."""
-        b, n = self.space.budget, len(self.space)
+        b, n = self.budget, len(self.space)
         policy = self.highs.copy()
         states, actions = [], []
         prev = 1.0
@@ -343,6 +379,7 @@ class DDPG(Optimizer):
             if learn:
                 losses.append(self._update())
         self._info = {"episode": rec["episode"], "warmup": not learn, "sigma": self.sigma,
+                      **({"target": rec["goal"]} if self.window is not None else {}),
                       "actions": [round(float(u), 6) for u in actions],
                       "critic_loss": sum(losses) / len(losses) if losses else None}
 
@@ -395,7 +432,8 @@ class DDPG(Optimizer):
             "memory": self.memory.state_dict(),
             "pending": [{"policy": list(rec["policy"]), "episode": rec["episode"],
                          "states": torch.as_tensor(np.asarray(rec["states"]), dtype=torch.float64),
-                         "actions": list(rec["actions"])} for rec in self.pending],
+                         "actions": list(rec["actions"]), "goal": rec["goal"]} for rec in self.pending],
+            "n_seeded": self.n_seeded, "goal": self.goal, "n_states": self.n_states,
             "np_rng": self.np_rng.bit_generator.state,
             "torch_rng": self.torch_rng.get_state(),
         }
@@ -407,13 +445,18 @@ class DDPG(Optimizer):
         self.history = [(list(p), float(r)) for p, r in state["history"]]
         self.warmup, self.episode = int(state["warmup"]), int(state["episode"])
         self.seeded = bool(state.get("seeded", self.episode > 0))
+        if int(state.get("n_states", N_FEATURES)) != self.n_states:
+            raise UserError("the DDPG state is from a search with a different --pareto setting: resume it with the "
+                            "same --pareto (or none)")
+        self.n_seeded = int(state.get("n_seeded", int(self.seeded)))
+        self._set_goal(float(state.get("goal", self.space.budget.target)))
         self.sigma = float(state["sigma"])
         self.moving_average = None if state["moving_average"] is None else float(state["moving_average"])
         for name in ("actor", "critic", "actor_target", "critic_target", "actor_optim", "critic_optim"):
             getattr(self, name).load_state_dict(state[name])
         self.memory.load_state_dict(state["memory"])
         self.pending = [{"policy": list(rec["policy"]), "episode": int(rec["episode"]),
-                         "states": list(rec["states"].numpy()), "actions": [float(u) for u in rec["actions"]]}
-                        for rec in state["pending"]]
+                         "states": list(rec["states"].numpy()), "actions": [float(u) for u in rec["actions"]],
+                         "goal": float(rec.get("goal", self.space.budget.target))} for rec in state["pending"]]
         self.np_rng.bit_generator.state = state["np_rng"]
         self.torch_rng.set_state(state["torch_rng"])
