@@ -23,6 +23,13 @@ trial log while it runs): a killed run resumes where it stopped, and a finished 
 First figures (2-core machine, seed 0)::
 
     python benchmarks/joint.py --net resnet20 --seeds 0 --episodes 200 --retrain-epochs 2 --threads 2
+
+``--resource latency`` (no ``sequential`` row: weight bits cost no time in ONNX Runtime int8) compares the
+joint search with uniform pruning + int8 at the same predicted latency::
+
+    python benchmarks/joint.py --net resnet20 --resource latency --target 0.6 --rows joint uniform-both \\
+        --seeds 0 --episodes 200 --retrain-epochs 2 --threads 2 --out benchmarks/joint-latency.md \\
+        --cells benchmarks/joint-cells
 """
 
 from __future__ import annotations
@@ -237,18 +244,21 @@ def size_table(rows: list[dict[str, Any]], base_test: float) -> str:
 
 def table(rows: list[dict[str, Any]], base_test: float) -> str:
     order = [r for r in ROWS if any(x["row"] == r for x in rows)]
+    lat = all("latency_fraction" in x for x in rows)
     body = []
     for name in order:
         g = [x for x in rows if x["row"] == name]
         body.append([f"`{name}`" + (f" ({g[0]['optimizer']})" if g[0].get("optimizer") else ""), len(g),
                      pm([x["bitops_fraction"] for x in g], 4), pm([x["bytes_fraction"] for x in g], 3),
+                     *([pm([x["latency_fraction"] for x in g], 3)] if lat else []),
                      pm([x["flops_kept"] for x in g], 3), pm([x["avg_bits"] for x in g], 2),
                      pm([x["val_acc"] for x in g if "val_acc" in x]) if any("val_acc" in x for x in g) else "–",
                      pm([x["test_acc"] for x in g]), pm([x["test_acc"] - base_test for x in g]),
                      pm([x["speedup_b1"] for x in g]) + "x", pm([x["speedup_b64"] for x in g]) + "x",
                      pm([x["fp32_baseline_bytes"] / x["int8_bytes"] for x in g], 1) + "x",
                      max(x["candidates"] for x in g)])
-    head = ["row", "seeds", "BitOps kept", "bytes kept", "FLOPs kept", "avg weight bits", "best val (reward split)",
+    head = ["row", "seeds", "BitOps kept", "bytes kept", *(["latency (predicted, of fp32)"] if lat else []),
+            "FLOPs kept", "avg weight bits", "best val (reward split)",
             "test after re-train", "vs fp32 baseline", "int8 ONNX speed-up b1", "b64", "ONNX file smaller",
             "candidates"]
     return md_table(head, body, right=[False] + [True] * (len(head) - 1))
@@ -272,7 +282,7 @@ def main() -> None:
     ap.add_argument("--optimizer", default="tpe", help="the joint and sequential searches' --hpo (default: tpe)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--episodes", type=int, default=200, help="candidates per search (sequential: half each)")
-    ap.add_argument("--resource", default="bitops", choices=("bitops", "bytes"),
+    ap.add_argument("--resource", default="bitops", choices=("bitops", "bytes", "latency"),
                     help="the joint Budget every row meets (default: %(default)s)")
     ap.add_argument("--target", type=float, default=None,
                     help="resource to keep, a fraction of the fp32 network's (default: prune-0.5+int8's)")
@@ -293,6 +303,11 @@ def main() -> None:
     if args.episodes < 2:
         raise UserError(f"--episodes must be at least 2 (the sequential row splits them), got {args.episodes}")
     args.optimizers, args.targets = [args.optimizer], [args.prune_flops]
+    if args.resource == "latency" and "sequential" in args.rows:
+        if args.rows != list(ROWS):
+            raise UserError("--rows sequential: under --resource latency the weight bits cost no time (one int8 "
+                            "kernel runs them all), so a bits-only second stage has nothing to search")
+        args.rows = [r for r in ROWS if r != "sequential"]
     bench = setup(args)
     shape = bench.input_shape
     cells = Path(args.cells)
@@ -342,7 +357,9 @@ def main() -> None:
     text += ("\n\nBitOps: sum over Conv2d / Linear of MACs x weight bits x activation bits (8), as a fraction of "
              "the fp32 network's (x 32 x 32); bytes: stored weights at their bit-widths plus the other parameters "
              "in fp32. Speed-ups: each row's `model.int8.onnx` against the fp32 baseline's ONNX file in the same "
-             "ONNX Runtime rounds.\n")
+             "ONNX Runtime rounds." + (" Latency: the int8 lookup table's prediction, as a fraction of the unpruned "
+             "fp32 model's ONNX Runtime time at batch 1 (`--resource latency`)." if args.resource == "latency"
+             else "") + "\n")
     atomic_write_text(Path(args.out), text)
     print(text)
 
