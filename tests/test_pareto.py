@@ -54,6 +54,18 @@ def test_window_budget_keeps_every_projection_inside_the_window() -> None:
         _space(low=0.9)
 
 
+def test_the_uniform_seed_at_the_low_end_is_inside_the_window() -> None:
+    """Coarse steps put the uniform policy at LO under LO: the seed is then the narrowest uniform policy over it."""
+    w = np.array([1.0, 2.0, 3.0, 4.0])
+    b = Budget(cost_fn=lambda p: float(np.dot(w, p)), full=float(w.sum()), target=0.8, lows=[0.25] * 4,
+               highs=[1.0] * 4, steps=[0.25] * 4)
+    b.window(0.3)
+    assert b.fraction(b.uniform(fraction=0.3)) == pytest.approx(0.25)  # under the window
+    curve = b.uniform_curve()
+    assert b.fraction(curve[0]) == pytest.approx(0.5) and len(set(curve[0])) == 1
+    assert all(0.3 <= b.fraction(u) <= 0.8 + 1e-9 for u in curve)
+
+
 def _brute_area(points: list[tuple[float, float]], lo: float, hi: float, n: int = 20000) -> float:
     xs = lo + (np.arange(n) + 0.5) * (hi - lo) / n
     return float(sum(max([a for r, a in points if r <= x] or [0.0]) for x in xs) * (hi - lo) / n)

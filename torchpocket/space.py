@@ -238,8 +238,32 @@ class Budget:
         return [float(x) for x in at(lo)]
 
     def uniform_curve(self) -> list[Policy]:
-        """The uniform policy at each of :meth:`points` (one policy without a Pareto window)."""
-        return [self.uniform(fraction=r) for r in self.points()]
+        """The uniform policy at each of :meth:`points` (one policy without a Pareto window). At the window's low
+        end, where the layers' granularity puts the uniform policy under it, the narrowest uniform policy at or
+        over it instead, so every seed is inside the window."""
+        out = [self.uniform(fraction=r) for r in self.points()]
+        if self.floor is not None and out and self.fraction(out[0]) < self.floor * (1 - 1e-9):
+            up = self._uniform_over(self.floor * self.full)
+            if up is not None:
+                out[0] = up
+        return out
+
+    def _uniform_over(self, cost: float, iters: int = 60) -> Policy | None:
+        """The uniform policy with the least resource at or over ``cost`` that still meets the target."""
+
+        def at(v: float) -> np.ndarray:
+            if self.uniform_path is not None:
+                return self.clip(np.asarray(self.uniform_path(v), float))
+            return self.clip(np.full(len(self.lows), v))
+
+        lo, hi = (0.0, 1.0) if self.uniform_path is not None else (float(self.lows.min()), float(self.highs.max()))
+        if self.cost(at(hi)) < cost:
+            return None
+        for _ in range(iters):  # invariant: at(hi) costs at least ``cost``
+            mid = 0.5 * (lo + hi)
+            lo, hi = (lo, mid) if self.cost(at(mid)) >= cost else (mid, hi)
+        p = at(hi)
+        return [float(x) for x in p] if self.satisfied(p) else None
 
 
 def window_points(lo: float, hi: float, step: float = 0.1) -> list[float]:
