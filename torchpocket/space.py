@@ -238,14 +238,16 @@ class Budget:
         return [float(x) for x in at(lo)]
 
     def uniform_curve(self) -> list[Policy]:
-        """The uniform policy at each of :meth:`points` (one policy without a Pareto window). At the window's low
-        end, where the layers' granularity puts the uniform policy under it, the narrowest uniform policy at or
-        over it instead, so every seed is inside the window."""
+        """The uniform policy at each of :meth:`points` (one policy without a Pareto window). Where the layers'
+        granularity puts one under the window's low end, the narrowest uniform policy at or over it instead, so
+        every seed is inside the window."""
         out = [self.uniform(fraction=r) for r in self.points()]
-        if self.floor is not None and out and self.fraction(out[0]) < self.floor * (1 - 1e-9):
-            up = self._uniform_over(self.floor * self.full)
-            if up is not None:
-                out[0] = up
+        if self.floor is not None:
+            up = None
+            for k, u in enumerate(out):
+                if self.fraction(u) < self.floor * (1 - 1e-9):
+                    up = up or self._uniform_over(self.floor * self.full)
+                    out[k] = list(up) if up is not None else u
         return out
 
     def _uniform_over(self, cost: float, iters: int = 60) -> Policy | None:
