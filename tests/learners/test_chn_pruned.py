@@ -518,12 +518,24 @@ def test_latency_table_timed_in_onnx_runtime(tmp_path: Path) -> None:
     assert lat.entries[1].table[-1, -1] > lat.entries[1].table[0, 0]  # a narrower input is faster
     for e in lat.entries:
         assert (np.diff(e.table, axis=0) >= 0).all() and (np.diff(e.table, axis=1) >= 0).all() and e.table.min() > 0
-    space = lrn.search_space(model, 0.6)
+    floor = lat.predict([lrn.config.low] * lrn.cost.n_groups) / lat.full
+    target = 0.5 * (floor + 1.0)  # reachable whatever this machine measures
+    space = lrn.search_space(model, target)
     policy = space.budget.project(space.budget.uniform())
-    assert lat.predict(policy) <= 0.6 * lat.full * (1 + 1e-9)
+    assert lat.predict(policy) <= target * lat.full * (1 + 1e-9)
     assert lrn.latency_summary(policy)["runtime"] == "onnxruntime"
+    fit = lat.meta["fit"]  # the whole model timed at full and at the narrowest widths: the table goes through both
+    low = [lrn.config.low] * lrn.cost.n_groups
+    narrow = lrn.cut_to_widths(model, low)
+    assert narrow[0].out_channels == lrn.cost.widths(lrn.cost.counts(low))[1][0] < 64
+    if fit["used"]:
+        assert lat.predict(low) == pytest.approx(fit["narrow_measured"], rel=1e-6)
+        assert lat.full == pytest.approx(lat.measured_full, rel=1e-6) and lat.rest == pytest.approx(fit["b"])
+    else:  # a fit through both would need a negative scale or rest: the single-measurement rule stands
+        assert not (fit["a"] > 0 and fit["b"] >= 0)
     eager = learner(model, data(32), resource="latency", lut_cache=str(tmp_path), **FAST_LUT)
     assert eager.latency_model().meta["runtime"] == "eager" and len(list(tmp_path.glob("lut-*.json"))) == 2
+    assert "fit" not in eager.latency_model().meta
 
 
 def test_latency_table_cached_on_disk(tmp_path: Path) -> None:

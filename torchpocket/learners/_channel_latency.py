@@ -295,7 +295,8 @@ def width_grid(low: float, full: float, points: int, reachable: np.ndarray | Non
 
 def build_latency_model(model: nn.Module, example: Tensor, cost: CostModel, *, low_policy: Sequence[float],
                         batch: int = 1, repeats: int = 10, warmup: int = 3, points: int = 6,
-                        device: torch.device | str = "cpu", runtime: str = "eager") -> LatencyModel:
+                        device: torch.device | str = "cpu", runtime: str = "eager",
+                        narrow: nn.Module | None = None) -> LatencyModel:
     """Time every Conv2d / Linear of ``model`` (a copy, on ``device``) at its candidate widths: the lookup table.
 
     Widths range from those of ``low_policy`` (the narrowest the search allows) to full, at
@@ -304,6 +305,13 @@ def build_latency_model(model: nn.Module, example: Tensor, cost: CostModel, *, l
     ``model.onnx`` is), the runtime a shipped ``model.onnx`` runs in, or ONNX Runtime int8 (``INT8_RUNTIME``:
     each layer quantized as ``model.int8.onnx`` is; ``meta["fp32_full"]`` then holds the whole fp32 model's
     time, measured in the same rounds as the int8 one).
+
+    In ONNX Runtime the layers timed alone do not add up to the whole model (it fuses and overlaps them, and
+    one session call's overhead is shared). With ``narrow`` (the model cut to ``low_policy``'s widths), the
+    whole model is also timed at those widths, and the tables are scaled by the ``a`` and the rest set to the
+    ``b`` of ``measured = a * sum(layers) + b`` through both whole-model measurements, so the table predicts
+    the narrowest and the full model as measured (``meta["fit"]``); a fit with ``a <= 0`` or ``b < 0`` is
+    dropped for the single-measurement rule below.
     """
     if runtime not in (*RUNTIMES, INT8_RUNTIME):
         raise ValueError(f"runtime must be one of {(*RUNTIMES, INT8_RUNTIME)}, got {runtime!r}")
@@ -359,25 +367,41 @@ def build_latency_model(model: nn.Module, example: Tensor, cost: CostModel, *, l
         entries.append(LatencyEntry(name, k, calls, cin.astype(float), cout.astype(float), table,
                                     [n for n, m in net.named_modules() if any(m is e for e in extras)]))
     xb = torch.randn((batch, *example.shape[1:]), generator=gen).to(device=device, dtype=dtype)
-    fp32_full = None
+    fp32_full = narrow_s = None
+    cut = None if narrow is None or runtime == "eager" else copy.deepcopy(narrow).to(device).eval()
+    extra = [] if cut is None else [(cut, xb)]
     if runtime == INT8_RUNTIME:  # the whole model in int8 and, in the same rounds, in fp32 (what a target is of)
-        measured, fp32_full = time_cases_onnxruntime([(net, xb), (net, xb)], warmup=warmup, repeats=repeats,
-                                                     int8=[True, False])
+        times = time_cases_onnxruntime([(net, xb), (net, xb), *extra], warmup=warmup, repeats=repeats,
+                                       int8=[True, False, *([True] * len(extra))])
+        measured, fp32_full = times[0], times[1]
+        narrow_s = times[2] if extra else None
     else:
-        (measured,) = timer([(net, xb)])
+        times = timer([(net, xb), *extra])
+        measured, narrow_s = times[0], (times[1] if extra else None)
     timed = sum(e.calls * float(e.table[-1, -1]) for e in entries)
-    scale = 1.0
-    if timed > measured > 0:  # layers alone cost more than inside the model (ONNX Runtime fuses, overlaps copies):
-        scale = measured / timed  # scale them down so the table's full width is what the whole model measures
+    scale, rest, fit = 1.0, max(0.0, measured - timed), None
+    if narrow_s is not None:  # two whole-model measurements: measured = a * sum(layers) + b through both
+        s_low = LatencyModel(cost, entries, 0.0, measured_full=measured, meta={}).predict(list(low))
+        a = (measured - narrow_s) / (timed - s_low) if timed > s_low else 0.0
+        b = measured - a * timed
+        fit = {"narrow_measured": narrow_s, "a": a, "b": b, "used": bool(a > 0 and b >= 0)}
+        if fit["used"]:
+            scale, rest = a, b
+    if (fit is None or not fit["used"]) and timed > measured > 0:
+        # layers alone cost more than inside the model (ONNX Runtime fuses, overlaps copies): scale them down so
+        # the table's full width is what the whole model measures
+        scale, rest = measured / timed, 0.0
+    if scale != 1.0:
         for e in entries:
             e.table = e.table * scale
-        timed = measured
     meta = {"layer_scale": scale, "batch": batch, "threads": torch.get_num_threads(),
             "device": str(torch.device(device)), "runtime": runtime,
             "repeats": repeats, "points": points, "layers": len(entries), "timings": timings,
             "build_seconds": time.perf_counter() - start}
     if fp32_full is not None:
         meta["fp32_full"] = fp32_full
-    return LatencyModel(cost, entries, max(0.0, measured - timed), measured_full=measured, meta=meta)
+    if fit is not None:
+        meta["fit"] = fit
+    return LatencyModel(cost, entries, rest, measured_full=measured, meta=meta)
 
 

@@ -390,10 +390,11 @@ class ChnPrunedLearner(Learner):
                         print(f"chn-pruned: latency lookup table loaded from {path}", flush=True)
                     self._latency.meta["loaded_from"] = str(path)
                     return self._latency
+            low = [c.low] * self.cost.n_groups
+            narrow = None if self.latency_runtime == "eager" else self.cut_to_widths(self._model, low)
             self._latency = build_latency_model(
-                self._model, self._example, self.cost, low_policy=[c.low] * self.cost.n_groups,
-                batch=c.latency_batch, repeats=c.lut_repeats, points=c.lut_points, device=self.device,
-                runtime=self.latency_runtime)
+                self._model, self._example, self.cost, low_policy=low, batch=c.latency_batch, repeats=c.lut_repeats,
+                points=c.lut_points, device=self.device, runtime=self.latency_runtime, narrow=narrow)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_text(path, json.dumps(self._latency.to_dict()))
@@ -503,6 +504,15 @@ class ChnPrunedLearner(Learner):
             if sum(per_class) < g.units:
                 out.append((i, g, per_class))
         return out
+
+    def cut_to_widths(self, model: nn.Module, policy: Policy) -> nn.Module:
+        """A copy of ``model`` with the widths ``policy`` leaves and no selection or reconstruction (the first
+        units of each class kept): the shape of a candidate, for timing it."""
+        removed = {}
+        for i, g, per_class in self._plan(model, policy):
+            keep = {u for units, k in zip(g.classes, per_class) for u in units[:k]}
+            removed[i] = [u for u in range(g.units) if u not in keep]
+        return self._cut(copy.deepcopy(model), removed)
 
     def _cut(self, new: nn.Module, removed_by_group: dict[int, list[int]]) -> nn.Module:
         """Physically remove each group's ``removed`` units from ``new`` (in place) and attach the record."""
