@@ -131,6 +131,19 @@ def test_sensitivity_allocates_the_whole_front_from_one_set_of_probes() -> None:
     assert again.ask() == pytest.approx(asked[41][0])
 
 
+@pytest.mark.parametrize("hpo", ["sensitivity", "ddpg"])
+def test_a_window_reaching_under_the_narrowest_policy_is_searched(hpo: str) -> None:
+    """A window whose low end is under what every layer at its lower bound keeps (0.05 < 0.1 here): the points
+    under it are searched at that floor instead of failing."""
+    space = _space(low=0.05)
+    opt = create_optimizer(hpo, space, seed=0, total_trials=40, config={"warmup": 5} if hpo == "ddpg" else None)
+    for _ in range(40):
+        p = opt.ask()
+        if opt.last_kind != "probe":  # probes break the budget by design
+            assert 0.1 - 1e-9 <= space.budget.fraction(p) <= 0.8 + 1e-9
+        opt.tell(p, -float(np.sum((np.asarray(p) - 0.5) ** 2)))
+
+
 def test_ddpg_draws_each_episodes_target_in_the_window_and_sees_it() -> None:
     """``ddpg --pareto``: the uniform curve first (each at its point), then episodes whose targets are drawn in the
     window; the target is the 11th state feature, the action wall and projection keep each episode at it."""
@@ -202,7 +215,9 @@ def test_pareto_run_writes_the_front_and_pick_finalises_without_searching(capsys
     rows = trials(run_dir)
     n = len(window_points(0.3, 0.7))
     assert [r["kind"] for r in rows[:n]] == ["uniform"] * n and len(rows) == 9
-    assert all(r["resource"] <= p + 1e-9 for r, p in zip(rows, window_points(0.3, 0.7)))  # uniform at each point
+    seeds = [r["resource"] for r in rows[:n]]  # uniform at each point: inside the window, in order
+    assert all(0.3 - 1e-9 <= f <= 0.7 + 1e-9 for f in seeds) and seeds == sorted(seeds)
+    assert all(f <= p + 1e-9 or f == seeds[0] for f, p in zip(seeds, window_points(0.3, 0.7)))
     assert all(0.3 - 0.02 <= r["resource"] <= 0.7 + 1e-9 for r in rows[n:])  # the search: inside the window
     summary = json.loads((run_dir / "summary.json").read_text())["pareto"]
     with open(run_dir / "pareto.csv") as fh:

@@ -126,6 +126,14 @@ class Budget:
             raise UserError(f"the Pareto window's low end must be in (0, {self.target:g}), got {low:g}")
         self.floor = float(low)
 
+    def retarget(self, target: float) -> Budget:
+        """A copy of this Budget at another ``target`` (no window, filling up to it), raised to the narrowest
+        policy's resource where ``target`` is under it: one point of a Pareto window, searched on its own."""
+        floor = self.fraction(list(self.lows))
+        return Budget(cost_fn=self.cost_fn, full=self.full, target=max(float(target), floor), lows=self.lows,
+                      highs=self.highs, steps=self.steps, layer_cost_fn=self.layer_cost_fn, fill=True, unit=self.unit,
+                      uniform_path=self.uniform_path, inert=self.inert)
+
     def points(self, step: float = 0.1) -> list[float]:
         """The resources the uniform policy is measured at: the target alone, or across a Pareto window (its
         ends and every multiple of ``step`` between them)."""

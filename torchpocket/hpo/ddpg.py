@@ -233,9 +233,7 @@ class DDPG(Optimizer):
         if goal not in self._at:
             b = self.space.budget
             if self.window is not None:
-                b = Budget(cost_fn=b.cost_fn, full=b.full, target=goal, lows=b.lows, highs=b.highs, steps=b.steps,
-                           layer_cost_fn=b.layer_cost_fn, fill=True, unit=b.unit, uniform_path=b.uniform_path,
-                           inert=b.inert)
+                b = b.retarget(goal)
             center = (np.asarray(b.uniform(), float) if self.config.center == "uniform"
                       else self.lows + 0.5 * self.span)
             if len(self._at) > 64:  # episodes draw continuous targets: keep the cache small

@@ -174,9 +174,7 @@ class SensitivityOptimizer(Optimizer):
         if b.floor is None:
             return b
         if k not in self._at:
-            self._at[k] = Budget(cost_fn=b.cost_fn, full=b.full, target=self.targets[k], lows=b.lows,
-                                 highs=b.highs, steps=b.steps, layer_cost_fn=b.layer_cost_fn, fill=True, unit=b.unit,
-                                 uniform_path=b.uniform_path, inert=b.inert)
+            self._at[k] = b.retarget(self.targets[k])
         return self._at[k]
 
     def best(self, k: int | None = None) -> tuple[Policy, float] | None:
