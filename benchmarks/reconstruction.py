@@ -10,6 +10,8 @@ cell (``--policy-from CELL_DIR``).
 
     python benchmarks/reconstruction.py --target 0.5 --seeds 0 --retrain-epochs 2 --threads 2 \\
         --cells benchmarks/reconstruction-cells --out benchmarks/reconstruction.md
+
+``--report-only`` rebuilds the table from every cell present without running any.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def main() -> None:
                     help="selection:reconstruct pairs (default: %(default)s)")
     ap.add_argument("--policy-from", default=None, help="a finished benchmarks/search.py cell: use its best policy")
     ap.add_argument("--cells", default="benchmarks/reconstruction-cells")
+    ap.add_argument("--report-only", action="store_true", help="only rebuild the table from the cells")
     args = ap.parse_args()
     policy = None
     if args.policy_from:
@@ -94,10 +97,10 @@ def main() -> None:
             raise UserError(f"--rows takes selection:0|1 with selection lasso, l1 or random, got {item!r}")
         rows_spec.append((sel, rec == "1"))
     bench = setup(args)
-    emit(header("Reconstruction after re-training", bench), None, first=True)
+    emit(header("Reconstruction after re-training", bench), args.out, first=True)
     root = Path(args.cells)
     src = "search" if policy is not None else "uniform"
-    for target in args.targets:
+    for target in [] if args.report_only else args.targets:
         for seed in args.seeds:
             for lr in args.lrs:
                 for sel, rec in rows_spec:
@@ -110,7 +113,7 @@ def main() -> None:
                     print(f"  {cell.name}: val {r['val_before']:.2f} -> test {r['test_acc']:.2f} "
                           f"({r['retrain_s']:.0f}s)", flush=True)
     rows = [json.loads(p.read_text()) for p in sorted(root.glob("*/result.json"))]
-    emit(table(rows), args.out, first=True)
+    emit(table(rows), args.out, first=False)
 
 
 if __name__ == "__main__":
