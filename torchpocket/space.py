@@ -223,6 +223,16 @@ class Budget:
         assert len(base) == n
         return lo
 
+    def _uniform_at(self, v: float) -> np.ndarray:
+        """The uniform policy at value ``v`` (a point of ``uniform_path``, or ``v`` for every layer), clipped."""
+        if self.uniform_path is not None:
+            return self.clip(np.asarray(self.uniform_path(v), float))
+        return self.clip(np.full(len(self.lows), v))
+
+    def _uniform_range(self) -> tuple[float, float]:
+        """The values :meth:`_uniform_at` takes: [0, 1] along a path, else the layers' bounds."""
+        return (0.0, 1.0) if self.uniform_path is not None else (float(self.lows.min()), float(self.highs.max()))
+
     def uniform(self, *, fraction: float | None = None, iters: int = 60) -> Policy:
         """One value for every layer (each clipped to its own bounds) that meets the target (or keeps at most
         ``fraction`` of the resource): the classic baseline. With a ``uniform_path``, the policy furthest along it.
@@ -231,13 +241,8 @@ class Budget:
         A layer whose bounds exclude the value sits at its nearest bound.
         """
         limit = self.limit if fraction is None else min(fraction * self.full, self.limit)
-
-        def at(v: float) -> np.ndarray:
-            if self.uniform_path is not None:
-                return self.clip(np.asarray(self.uniform_path(v), float))
-            return self.clip(np.full(len(self.lows), v))
-
-        lo, hi = (0.0, 1.0) if self.uniform_path is not None else (float(self.lows.min()), float(self.highs.max()))
+        at = self._uniform_at
+        lo, hi = self._uniform_range()
         if self.satisfied(at(hi), limit):
             return [float(x) for x in at(hi)]
         for _ in range(iters):  # invariant: at(lo) satisfies (the lower bounds do), at(hi) does not
@@ -260,13 +265,8 @@ class Budget:
 
     def _uniform_over(self, cost: float, iters: int = 60) -> Policy | None:
         """The uniform policy with the least resource at or over ``cost`` that still meets the target."""
-
-        def at(v: float) -> np.ndarray:
-            if self.uniform_path is not None:
-                return self.clip(np.asarray(self.uniform_path(v), float))
-            return self.clip(np.full(len(self.lows), v))
-
-        lo, hi = (0.0, 1.0) if self.uniform_path is not None else (float(self.lows.min()), float(self.highs.max()))
+        at = self._uniform_at
+        lo, hi = self._uniform_range()
         if self.cost(at(hi)) < cost:
             return None
         for _ in range(iters):  # invariant: at(hi) costs at least ``cost``

@@ -223,27 +223,16 @@ class DDPG(Optimizer):
         self.lows, self.highs = space.lows, space.highs
         self.span = self.highs - self.lows
         self._full_cost = self._total(list(self.highs))
-        self._at: dict[float, tuple[Budget, np.ndarray]] = {}
-        self.goal = space.budget.target  # the episode's target (drawn per episode under --pareto)
-        self.budget, self.center = self._at_target(self.goal)
-
-    def _at_target(self, goal: float) -> tuple[Budget, np.ndarray]:
-        """The Budget an episode at resource ``goal`` walks under (the search's own one, or a copy at that point of
-        the Pareto window) and its action centre (the uniform policy there, or the middle of each range)."""
-        if goal not in self._at:
-            b = self.space.budget
-            if self.window is not None:
-                b = b.retarget(goal)
-            center = (np.asarray(b.uniform(), float) if self.config.center == "uniform"
-                      else self.lows + 0.5 * self.span)
-            if len(self._at) > 64:  # episodes draw continuous targets: keep the cache small
-                self._at.clear()
-            self._at[goal] = (b, center)
-        return self._at[goal]
+        self.budget: Budget = space.budget
+        self._set_goal(space.budget.target)
 
     def _set_goal(self, goal: float) -> None:
+        """The episode's target ``goal``: the Budget it walks under (the search's own one, or a copy at that point
+        of the Pareto window) and its action centre (the uniform policy there, or the middle of each range)."""
         self.goal = float(goal)
-        self.budget, self.center = self._at_target(self.goal)
+        self.budget = self.space.budget if self.window is None else self.space.budget.retarget(self.goal)
+        self.center = (np.asarray(self.budget.uniform(), float) if self.config.center == "uniform"
+                       else self.lows + 0.5 * self.span)
 
     # -- actions: [0, 1] -> the layer's [low, high], 0.5 -> its center -------------------------------
     def to_value(self, t: int, u: float) -> float:
@@ -300,8 +289,9 @@ class DDPG(Optimizer):
         if seeding:  # the uniform episode(s): the actions that give the uniform policy, stored like the agent's own
             k = self.n_seeded
             out = self.ask_uniform()
-            if self.window is not None:
-                self._set_goal(self.space.budget.points()[min(k, len(self.space.budget.points()) - 1)])
+            if self.window is not None:  # the uniform seed's own point of the window
+                points = self.space.budget.points()
+                self._set_goal(points[min(k, len(points) - 1)])
             states, actions = self._walk(out)
         else:
             self.last_kind = "search"

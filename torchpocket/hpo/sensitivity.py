@@ -163,11 +163,6 @@ class SensitivityOptimizer(Optimizer):
             self.sigmas[k] = min(0.5, sig * 1.5) if best is None or r > best[1] else max(0.005, sig * 0.85)
         self.scored.append((list(policy), r))
 
-    @property
-    def sigma(self) -> float:
-        """The refinement's step at the target (the first point of a Pareto window)."""
-        return self.sigmas[0]
-
     def _at_point(self, k: int) -> Budget:
         """The Budget at the ``k``-th target: the search's own one, or a copy at that point of the window."""
         b = self.budget

@@ -371,8 +371,7 @@ def build_latency_model(model: nn.Module, example: Tensor, cost: CostModel, *, l
     cut = None if narrow is None or runtime == "eager" else copy.deepcopy(narrow).to(device).eval()
     extra = [] if cut is None else [(cut, xb)]
     if runtime == INT8_RUNTIME:  # the whole model in int8 and, in the same rounds, in fp32 (what a target is of)
-        times = time_cases_onnxruntime([(net, xb), (net, xb), *extra], warmup=warmup, repeats=repeats,
-                                       int8=[True, False, *([True] * len(extra))])
+        times = timer([(net, xb), (net, xb), *extra], int8=[True, False, *([True] * len(extra))])
         measured, fp32_full = times[0], times[1]
         narrow_s = times[2] if extra else None
     else:
